@@ -1,1 +1,5 @@
-"""TODO."""
+"""Timing helpers and benchmarks."""
+
+from attnkit.bench.timing import Timing, time_fn
+
+__all__ = ["Timing", "time_fn"]
