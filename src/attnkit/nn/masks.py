@@ -1,0 +1,100 @@
+"""Translate ``nn.MultiheadAttention`` mask conventions into the ``attnkit.ops`` convention.
+
+The two conventions are opposite for bool masks, so every conversion happens here, once:
+
+====================  ===========================  ======================================
+mask                  nn.MultiheadAttention         attnkit.ops.attention
+====================  ===========================  ======================================
+``attn_mask`` bool    True = may NOT attend        True = may attend
+``key_padding_mask``  True = ignore this key        (folded into the mask, True = keep)
+float masks           added to the scores          added to the scores (unchanged)
+====================  ===========================  ======================================
+
+Results are broadcastable to ``(B, Hq, Sq, Skv)`` and never expanded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.errors import check_arg, check_type
+
+__all__ = ["attn_mask_to_ops", "key_padding_to_keep", "combine_masks", "append_allowed_keys"]
+
+
+def _check_mask_dtype(mask: torch.Tensor, name: str) -> None:
+    check_type(mask, torch.Tensor, name)
+    check_arg(
+        mask.dtype == torch.bool or mask.is_floating_point(),
+        name,
+        "a bool (True = masked out) or floating (additive) tensor",
+        mask,
+    )
+
+
+def attn_mask_to_ops(
+    attn_mask: torch.Tensor | None, *, batch: int, num_heads: int, seq_q: int, seq_kv: int
+) -> torch.Tensor | None:
+    """``attn_mask`` in torch's convention -> a 4-D ops mask.
+
+    Accepts ``(Sq, Skv)``, ``(B*Hq, Sq, Skv)`` (as ``nn.MultiheadAttention``) or a 4-D mask
+    broadcastable to ``(B, Hq, Sq, Skv)``. Bool True = may NOT attend; floats are additive.
+    """
+    if attn_mask is None:
+        return None
+    _check_mask_dtype(attn_mask, "attn_mask")
+    full = (batch, num_heads, seq_q, seq_kv)
+    if attn_mask.dim() == 2:
+        ok, mask = tuple(attn_mask.shape) == (seq_q, seq_kv), attn_mask[None, None]
+    elif attn_mask.dim() == 3:
+        ok = tuple(attn_mask.shape) == (batch * num_heads, seq_q, seq_kv)
+        mask = attn_mask.view(full) if ok else attn_mask
+    else:
+        ok = attn_mask.dim() == 4 and all(n in (1, m) for n, m in zip(attn_mask.shape, full))
+        mask = attn_mask
+    check_arg(
+        ok,
+        "attn_mask",
+        f"shape (Sq, Skv)={(seq_q, seq_kv)}, (B*num_heads, Sq, Skv)={(batch * num_heads, seq_q, seq_kv)} "
+        f"or 4-D broadcastable to {full}",
+        attn_mask,
+        "Skv counts cached keys and excludes the add_bias_kv/add_zero_attn columns.",
+    )
+    return ~mask if mask.dtype == torch.bool else mask
+
+
+def key_padding_to_keep(key_padding_mask: torch.Tensor | None, *, batch: int, seq_kv: int) -> torch.Tensor | None:
+    """``key_padding_mask (B, Skv)`` in torch's convention (bool True = ignore, or additive float) -> ops ``(B, Skv)``."""
+    if key_padding_mask is None:
+        return None
+    _check_mask_dtype(key_padding_mask, "key_padding_mask")
+    check_arg(
+        tuple(key_padding_mask.shape) == (batch, seq_kv),
+        "key_padding_mask",
+        f"shape (B, Skv)={(batch, seq_kv)}",
+        key_padding_mask,
+    )
+    return ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def combine_masks(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Both ops masks at once: AND when both are bool, else their sum as additive masks in ``dtype``."""
+    if a is None or b is None:
+        return a if b is None else b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    return _additive(a, dtype) + _additive(b, dtype)
+
+
+def append_allowed_keys(mask: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """Extend an ops mask by ``count`` key columns that every query may attend (``add_bias_kv``/``add_zero_attn``)."""
+    if mask is None or count == 0:
+        return mask
+    allowed = True if mask.dtype == torch.bool else 0.0
+    return torch.nn.functional.pad(mask, (0, count), value=allowed)
