@@ -1,0 +1,95 @@
+"""`backend="auto"`: the one rule table that ranks backends, and `select_backend()`.
+
+A call takes the order of the first rule it matches and runs the first supported backend in
+that order. To retune from measurements, edit ``RULES``: ``benchmarks/attention/run.py``
+prints rules ordered by what it measured (``bench.attention.suggest_rules``) and reports, for
+every shape, the fastest backend and whether auto was within 2% of it. Choices are cached per
+spec; call ``select_backend.cache_clear()`` after changing ``RULES`` at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from attnkit.ops.registry import BACKENDS, backend_support
+from attnkit.ops.spec import AttentionSpec
+
+__all__ = ["Rule", "RULES", "BackendChoice", "select_backend"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Backends to try, fastest first, for calls matching every given field (None = any)."""
+
+    order: tuple[str, ...]
+    why: str
+    """Where the ordering comes from (a measurement, a file under benchmarks/results/)."""
+    device: str | None = None
+    causal: bool | None = None
+    requires_grad: bool | None = None
+    """True for training calls (forward + backward), False for inference."""
+    max_head_dim: int | None = None
+
+    def matches(self, spec: AttentionSpec) -> bool:
+        return (
+            (self.device is None or self.device == spec.device)
+            and (self.causal is None or self.causal == spec.causal)
+            and (self.requires_grad is None or self.requires_grad == spec.requires_grad)
+            and (self.max_head_dim is None or max(spec.head_dim, spec.head_dim_v) <= self.max_head_dim)
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        order=("cudnn", "flash", "efficient", "flex", "chunked", "math"),
+        why="H100, torch 2.11, bf16, hd128, seq 16k fwd: cuDNN 606 TFLOP/s, flash 354, efficient 178 (issue 2)",
+        device="cuda",
+    ),
+    Rule(
+        order=("flash", "math", "chunked", "flex"),
+        why="CPU: the SDPA flash kernel is the only fused one; flex is not compiled on CPU",
+        device="cpu",
+    ),
+    Rule(order=("math", "chunked"), why="other devices: plain PyTorch runs everywhere"),
+)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``auto`` picked for a call, the order it tried, and why each other backend lost."""
+
+    chosen: str
+    candidates: tuple[str, ...]
+    rejected: Mapping[str, str]
+    """Read-only (choices are cached and shared): backend -> why it was not chosen."""
+    rule: str
+
+    def __repr__(self) -> str:
+        lines = [f"BackendChoice(chosen={self.chosen!r}, order={' > '.join(self.candidates)}", f"  rule: {self.rule}"]
+        lines += [f"  {name}: {reason}" for name, reason in self.rejected.items()]
+        return "\n".join(lines) + ")"
+
+
+@functools.lru_cache(maxsize=1024)
+def select_backend(spec: AttentionSpec) -> BackendChoice:
+    """The backend ``auto`` runs for ``spec`` (cached per spec: it runs on every ``attention()`` call).
+
+    Example::
+
+        select_backend(AttentionSpec(batch=1, heads_q=8, seq_q=128, head_dim=64))
+        # BackendChoice(chosen='flash', order=flash > math > chunked > flex > cudnn > efficient
+        #   rule: CPU: the SDPA flash kernel is the only fused one; ...
+        #   math: ranked after 'flash'
+        #   cudnn: cudnn runs on cuda only, got device 'cpu' ...)
+    """
+    rule = next(rule for rule in RULES if rule.matches(spec))
+    # Backends no rule ranks (except the float64 reference) stay reachable as a last resort.
+    candidates = rule.order + tuple(name for name in BACKENDS if name not in rule.order and name != "reference")
+    candidates = tuple(name for name in candidates if name in BACKENDS)
+    support = backend_support(spec)
+    chosen = next(name for name in candidates if support[name] is None)
+    rejected = MappingProxyType({name: support[name] or f"ranked after {chosen!r}" for name in candidates if name != chosen})
+    return BackendChoice(chosen=chosen, candidates=candidates, rejected=rejected, rule=rule.why)

@@ -1,0 +1,106 @@
+"""Boundary checks for attention inputs; every failure names the parameter, expected and got."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnkit.errors import check_arg, check_type, fail
+from attnkit.ops.spec import AttentionSpec, mask_kind
+
+__all__ = ["attention_spec"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_mask_shape(name: str, mask: torch.Tensor, target: tuple[int, ...], device: torch.device) -> None:
+    expected = f"a tensor broadcastable to (B, Hq, Sq, Skv) = {target}"
+    check_arg(mask.dim() <= 4, name, expected, mask)
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, target)
+    except RuntimeError:
+        broadcast = None
+    check_arg(broadcast == torch.Size(target), name, expected, mask)
+    check_arg(mask.device == device, name, f"a tensor on {device} (q's device)", mask)
+
+
+def attention_spec(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> AttentionSpec:
+    """Validate the arguments of an ``attention()`` call and describe it as an :class:`AttentionSpec`.
+
+    Raises ``InvalidArgumentError``/``InvalidTypeError`` naming the parameter, expected and got.
+
+    Example::
+
+        spec = attention_spec(q, k, v, causal=True)
+        select_backend(spec)  # what auto would run, and why not the others
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_type(tensor, torch.Tensor, name)
+        check_arg(tensor.dim() == 4, name, "a 4-D tensor (B, H, S, D)", tensor, "Add a heads dimension or use nn.MultiHeadAttention.")
+        check_arg(tensor.dtype in _FLOAT_DTYPES, name, "a float16/bfloat16/float32/float64 tensor", tensor)
+        check_arg(min(tensor.shape) >= 1, name, "no empty dimension", tensor)
+    for name, tensor in (("k", k), ("v", v)):
+        check_arg(tensor.dtype == q.dtype, f"{name}.dtype", f"q's dtype {q.dtype}", tensor.dtype)
+        check_arg(tensor.device == q.device, f"{name}.device", f"q's device {q.device}", tensor.device)
+        check_arg(tensor.shape[0] == q.shape[0], f"{name}.shape[0] (batch)", f"q's batch {q.shape[0]}", tensor)
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_kv = k.shape[1], k.shape[2]
+    check_arg(k.shape[3] == head_dim, "k.shape[3] (head dim)", f"q's head dim {head_dim}", k)
+    check_arg(v.shape[1] == heads_kv, "v.shape[1] (heads)", f"k's KV heads {heads_kv}", v)
+    check_arg(v.shape[2] == seq_kv, "v.shape[2] (sequence)", f"k's sequence length {seq_kv}", v)
+    check_arg(
+        heads_q % heads_kv == 0,
+        "k.shape[1] (KV heads)",
+        f"a divisor of q's {heads_q} heads",
+        heads_kv,
+        "For GQA/MQA, query head h uses KV head h // (Hq // Hkv).",
+    )
+    target = (batch, heads_q, seq_q, seq_kv)
+    if mask is not None:
+        check_type(mask, torch.Tensor, "mask")
+        is_valid = mask.dtype == torch.bool or mask.is_floating_point()
+        check_arg(is_valid, "mask.dtype", "bool (True = attend) or floating (additive)", mask.dtype)
+        _check_mask_shape("mask", mask, target, q.device)
+    check_type(causal, bool, "causal")
+    if scale is not None:
+        check_type(scale, (int, float), "scale")
+        check_arg(math.isfinite(scale) and scale > 0, "scale", "a finite float > 0 (default 1/sqrt(D))", scale)
+    check_type(dropout_p, (int, float), "dropout_p")
+    check_arg(0.0 <= dropout_p < 1.0, "dropout_p", "a float in [0, 1)", dropout_p)
+    if dropout_mask is not None:
+        check_type(dropout_mask, torch.Tensor, "dropout_mask")
+        check_arg(dropout_mask.dtype == torch.bool, "dropout_mask.dtype", "bool (True = keep)", dropout_mask.dtype)
+        _check_mask_shape("dropout_mask", dropout_mask, target, q.device)
+        if dropout_p == 0:
+            fail("dropout_p", "a float in (0, 1) when dropout_mask is given", dropout_p, "Kept values are scaled by 1/(1-dropout_p).")
+    check_type(return_lse, bool, "return_lse")
+    return AttentionSpec(
+        batch=batch,
+        heads_q=heads_q,
+        seq_q=seq_q,
+        head_dim=head_dim,
+        heads_kv=heads_kv,
+        seq_kv=seq_kv,
+        head_dim_v=v.shape[3],
+        device=q.device.type,
+        dtype=q.dtype,
+        mask=mask_kind(mask),
+        causal=causal,
+        dropout_p=float(dropout_p),
+        dropout_mask=dropout_mask is not None,
+        need_lse=return_lse,
+        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        mask_requires_grad=torch.is_grad_enabled() and mask is not None and mask.requires_grad,
+    )

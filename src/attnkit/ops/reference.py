@@ -1,0 +1,57 @@
+"""The explicit formula ``softmax(q k^T * scale + mask) v``: the `reference` and `math` backends.
+
+`reference` runs it in float64 (the ground truth); `math` runs it in the input dtype, the
+same algorithm as PyTorch's SDPA math kernel, written out so that it can take a
+``dropout_mask``, return the log-sum-exp and give zeros for rows with no allowed key.
+Both materialize the ``(B, Hq, Sq, Skv)`` scores and run on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.ops.masks import merged_mask
+
+__all__ = ["explicit_attention", "reference_attention"]
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    dropout_mask: torch.Tensor | None,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention in q's dtype. Shapes as in ``attention()``; returns ``(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) | None)``."""
+    if (group := q.shape[1] // k.shape[1]) > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, Skv, D|Dv)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Sq, Skv)
+    merged = merged_mask(mask, causal, q.shape[2], k.shape[2], dtype=scores.dtype, device=q.device)
+    if merged is not None:
+        scores = scores.masked_fill(~merged, float("-inf")) if merged.dtype == torch.bool else scores + merged
+    lse = None
+    if return_lse:
+        lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).float()
+    if merged is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        # Softmax of an all -inf row is NaN (and so is its gradient): give those rows any
+        # finite scores, then zero their probabilities.
+        empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # (B, Hq, Sq, 1)
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0:
+        keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
+        probs = probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
+    return probs @ v, lse
+
+
+def reference_attention(q, k, v, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``explicit_attention`` in float64; the output is cast back to q's dtype."""
+    out, lse = explicit_attention(q.double(), k.double(), v.double(), **options)
+    return out.to(q.dtype), lse
+

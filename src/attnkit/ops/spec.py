@@ -1,0 +1,105 @@
+"""`AttentionSpec`: a tensor-free description of one attention call.
+
+Backends decide from a spec alone whether they can run (see ``registry.backend_support``),
+so validate and analyze can ask "why not flash here?" without building tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from attnkit.errors import check_arg
+
+__all__ = ["AttentionSpec", "MASK_KINDS", "mask_kind"]
+
+MASK_KINDS = ("none", "bool", "additive")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def mask_kind(mask: torch.Tensor | None) -> str:
+    """``"none"``, ``"bool"`` or ``"additive"`` for an attention mask (not validated here)."""
+    if mask is None:
+        return "none"
+    return "bool" if mask.dtype == torch.bool else "additive"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention call: ``q (B, Hq, Sq, D)``, ``k (B, Hkv, Skv, D)``, ``v (B, Hkv, Skv, Dv)``."""
+
+    batch: int
+    heads_q: int
+    seq_q: int
+    head_dim: int
+    heads_kv: int | None = None
+    """Defaults to ``heads_q`` (plain multi-head attention)."""
+    seq_kv: int | None = None
+    """Defaults to ``seq_q`` (self-attention)."""
+    head_dim_v: int | None = None
+    """Defaults to ``head_dim``."""
+    device: str = "cpu"
+    """Device type: ``"cpu"``, ``"cuda"``, ..."""
+    dtype: torch.dtype = torch.float32
+    mask: str = "none"
+    """One of ``MASK_KINDS``: no mask, bool (True = may attend) or additive float."""
+    causal: bool = False
+    """Bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Skv - Sq``."""
+    dropout_p: float = 0.0
+    dropout_mask: bool = False
+    """A caller-given keep-mask makes dropout reproducible; few kernels accept one."""
+    need_lse: bool = False
+    requires_grad: bool = False
+    mask_requires_grad: bool = False
+    """An additive mask that needs a gradient (a learned position bias in training)."""
+
+    def __post_init__(self) -> None:
+        # Fill defaults through object.__setattr__ because the dataclass is frozen.
+        for name, default in (("heads_kv", self.heads_q), ("seq_kv", self.seq_q), ("head_dim_v", self.head_dim)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        for name in ("batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "head_dim_v"):
+            value = getattr(self, name)
+            check_arg(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
+        check_arg(
+            self.heads_q % self.heads_kv == 0,
+            "heads_kv",
+            f"a divisor of heads_q={self.heads_q}",
+            self.heads_kv,
+            "Query head h uses KV head h // (Hq // Hkv).",
+        )
+        check_arg(isinstance(self.device, str), "device", "a device type string such as 'cuda' or 'cpu'", self.device)
+        check_arg(self.dtype in _DTYPES, "dtype", "one of float16, bfloat16, float32, float64", self.dtype)
+        check_arg(self.mask in MASK_KINDS, "mask", f"one of {MASK_KINDS}", self.mask)
+        check_arg(0.0 <= self.dropout_p < 1.0, "dropout_p", "a float in [0, 1)", self.dropout_p)
+        check_arg(
+            not self.mask_requires_grad or self.mask == "additive",
+            "mask_requires_grad",
+            "True only with an additive mask",
+            self.mask_requires_grad,
+        )
+        check_arg(
+            not self.dropout_mask or self.dropout_p > 0,
+            "dropout_mask",
+            "no dropout mask when dropout_p == 0",
+            self.dropout_mask,
+        )
+
+    @property
+    def gqa_ratio(self) -> int:
+        """Query heads per KV head (1 = MHA, ``heads_q`` = MQA)."""
+        return self.heads_q // self.heads_kv
+
+    def flops(self, *, backward: bool = False) -> float:
+        """FLOPs at 2 per multiply-add: ``2*B*Hq*Sq*Skv*(D+Dv)`` forward, halved for causal,
+        times 3.5 with backward (backward = 2.5x forward)."""
+        forward = 2.0 * self.batch * self.heads_q * self.seq_q * self.seq_kv * (self.head_dim + self.head_dim_v)
+        if self.causal:
+            forward /= 2
+        return forward * 3.5 if backward else forward
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["dtype"] = str(self.dtype).removeprefix("torch.")
+        return record

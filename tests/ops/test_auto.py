@@ -1,0 +1,62 @@
+"""`auto` follows the one rule table; `select_backend` explains every rejection."""
+
+import dataclasses
+import warnings
+
+import torch
+
+from attnkit.ops import BACKENDS, RULES, AttentionSpec, attention, attention_spec, backend_support, select_backend
+
+
+def test_every_rule_names_known_backends():
+    for rule in RULES:
+        assert set(rule.order) <= set(BACKENDS), rule
+
+
+def test_cpu_prefers_flash_and_falls_back_when_it_cannot():
+    spec = AttentionSpec(batch=1, heads_q=4, seq_q=64, head_dim=32)
+    assert select_backend(spec).chosen == "flash"
+    choice = select_backend(AttentionSpec(batch=1, heads_q=4, seq_q=64, head_dim=32, need_lse=True))
+    assert choice.chosen == "math"
+    assert "log-sum-exp" in choice.rejected["flash"]
+    assert "reference" not in choice.candidates
+    assert "chosen='math'" in repr(choice) and "flash: SDPA does not return" in repr(choice)
+
+
+def test_cuda_order_follows_measurements_and_support():
+    spec = AttentionSpec(batch=1, heads_q=16, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16)
+    assert select_backend(spec).candidates[:3] == ("cudnn", "flash", "efficient")
+    masked = AttentionSpec(batch=1, heads_q=16, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16, mask="bool")
+    assert select_backend(masked).chosen == "efficient"
+    support = backend_support(AttentionSpec(batch=1, heads_q=4, seq_q=8, head_dim=8, device="cuda"))
+    assert support["reference"] is None and "needs dtype float16 or bfloat16, got float32" in support["flash"]
+
+
+def test_auto_matches_its_choice():
+    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
+    chosen = select_backend(attention_spec(q, k, v, causal=True)).chosen
+    torch.testing.assert_close(attention(q, k, v, causal=True), attention(q, k, v, causal=True, backend=chosen), rtol=0, atol=0)
+
+
+def test_flops_convention():
+    spec = AttentionSpec(batch=2, heads_q=3, seq_q=5, seq_kv=7, head_dim=8)
+    assert spec.flops() == 4 * 2 * 3 * 5 * 7 * 8
+    causal = AttentionSpec(batch=2, heads_q=3, seq_q=5, seq_kv=7, head_dim=8, causal=True)
+    assert causal.flops(backward=True) == 3.5 * spec.flops() / 2
+
+
+def test_auto_falls_back_when_a_kernel_refuses_at_run_time(monkeypatch):
+    # Pretend the static rules missed flash's D == Dv requirement.
+    monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(BACKENDS["flash"], support=lambda spec: None))
+    select_backend.cache_clear()
+    try:
+        q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch explains its refusal as warnings
+            out = attention(q, k, v)
+        torch.testing.assert_close(out, attention(q, k, v, backend="reference"))
+        spec = attention_spec(q, k, v)
+        assert select_backend(spec).chosen == "math"
+        assert "no FLASH_ATTENTION kernel" in backend_support(spec)["flash"]
+    finally:
+        select_backend.cache_clear()
