@@ -60,3 +60,24 @@ def test_auto_falls_back_when_a_kernel_refuses_at_run_time(monkeypatch):
         assert "no FLASH_ATTENTION kernel" in backend_support(spec)["flash"]
     finally:
         select_backend.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "seq", "causal", "grad", "expected"),
+    [
+        (128, 1024, True, False, "flash"),  # measured crossover: flash beats cuDNN at short causal hd128
+        (128, 2048, True, False, "cudnn"),
+        (64, 1024, True, False, "cudnn"),
+        (128, 1024, False, False, "cudnn"),
+        (128, 1024, True, True, "cudnn"),
+    ],
+)
+def test_cuda_rule_table_follows_measured_ordering(head_dim, seq, causal, grad, expected):
+    rule = next(rule for rule in RULES if rule.matches(_cuda_spec(head_dim, seq, causal, grad)))
+    assert rule.order[0] == expected, rule
+
+
+def _cuda_spec(head_dim, seq, causal, grad):
+    return AttentionSpec(
+        batch=2, heads_q=8, seq_q=seq, head_dim=head_dim, device="cuda", dtype=torch.bfloat16, causal=causal, requires_grad=grad
+    )
