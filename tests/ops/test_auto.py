@@ -3,6 +3,7 @@
 import dataclasses
 import warnings
 
+import pytest
 import torch
 
 from attnkit.ops import BACKENDS, RULES, AttentionSpec, attention, attention_spec, backend_support, select_backend
