@@ -1,7 +1,46 @@
-"""`attnkit profile` (placeholder until its issue lands)."""
+"""`attnkit profile MODEL...`: measured vs predicted kernels and latency on the current GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 
 def register(app: typer.Typer) -> None:
     """Add this subcommand to `app`."""
+
+    @app.command("profile")
+    def profile_command(
+        models: List[str] = typer.Argument(..., help="Zoo names or package.module:function."),
+        batch: List[int] = typer.Option([1, 64], "--batch", min=1, help="Batch sizes (repeat the option)."),
+        dtype: str = typer.Option("bf16", "--dtype", help="Model and analysis dtype."),
+        hardware: str = typer.Option("h100", "--hardware", help="Profile for the predictions, or a calibrate JSON."),
+        eager_only: bool = typer.Option(False, "--eager-only", help="Skip torch.compile."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON."),
+    ) -> None:
+        """Count CUDA kernels and time forwards (eager, torch.compile) and compare with the predictions."""
+        from attnkit.graph import parse_dtype, profile_models
+
+        console = Console(stderr=True)
+        with console.status("profiling") as status:
+            result = profile_models(models, batches=batch, dtype=parse_dtype(dtype), hardware=hardware,
+                                    modes=("eager",) if eager_only else ("eager", "compiled"), log=status.update)
+        table = Table(title=f"{result.device}, torch {result.torch}")
+        for column in ("model", "batch", "mode", "pred. kernels", "meas. kernels", "pred. ms", "meas. ms", "note"):
+            table.add_column(column)
+        for r in result.records:
+            table.add_row(r.model, str(r.batch), r.mode, str(r.predicted_kernels), _num(r.measured_kernels, 0),
+                          f"{r.predicted_ms:.3f}", _num(r.measured_ms, 3), r.note)
+        Console().print(table)
+        if json_path is not None:
+            json_path.write_text(json.dumps(result.to_json(), indent=1))
+            console.print(f"wrote {json_path}")
+
+
+def _num(value: Optional[float], digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,148 @@
+"""``analyze()``: capture a model, find its attention, partition it per execution mode, cost it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
+
+import torch
+
+from attnkit.errors import check_arg, check_type
+from attnkit.graph.attention import find_attention
+from attnkit.graph.capture import capture
+from attnkit.graph.cost import ModeCost, estimate
+from attnkit.graph.flops import FLOP_CONVENTION, count_ops
+from attnkit.graph.hardware import HardwareProfile, dtype_key, load_hardware
+from attnkit.graph.partition import MODES, Partition, fusion_steps, partition
+from attnkit.graph.report import AnalysisReport, AttentionRow, FusionSaving, KernelRow, ModeSummary
+
+__all__ = ["analyze"]
+
+Progress = Callable[[str], ContextManager]
+"""Called with a step description; the returned context manager wraps the step (e.g. a spinner)."""
+
+_NOTES = (
+    "compiled = a fusing compiler with GEMM epilogue fusion; torch.compile's default mode keeps cuBLAS GEMMs "
+    "unfused, so it launches more kernels than predicted here.",
+    "predicted latency = max(sum of roofline kernel times + per-kernel launch overhead, host dispatch time).",
+)
+
+
+def analyze(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    hardware: str | HardwareProfile = "h100",
+    dtype: torch.dtype | None = None,
+    modes: Sequence[str] = MODES,
+    name: str | None = None,
+    measured: dict | None = None,
+    progress: Progress | None = None,
+) -> AnalysisReport:
+    """Where a model's forward spends FLOPs, bytes, kernels and time, per execution mode.
+
+    Args:
+        model: the module; captured in eval mode without changing it.
+        example_inputs: positional inputs (a lone tensor is accepted); their shapes fix the analysis.
+        example_kwargs: keyword inputs, e.g. ``{"use_cache": False}``.
+        hardware: a profile name (``h100``, ``h200``, ``a100``, ``l4``, ``cpu``), a calibrate JSON path, or a profile.
+        dtype: analysis dtype (bytes and rates); defaults to the model's parameter dtype. The model is not cast.
+        modes: any of ``"eager"``, ``"compiled"``, ``"attention-aware"``.
+        name: model name for the report (defaults to the class name).
+        measured: measured kernels/latency per mode to show beside the predictions
+            (``{"eager": {"kernels": 162, "latency_ms": 7.6, "batch": 1}}``).
+        progress: optional step wrapper for a progress display.
+    Returns:
+        An :class:`AnalysisReport`.
+
+    Example::
+
+        report = analyze(model, (pixels,), hardware="h100", dtype=torch.bfloat16)
+        print(report.mode("eager").num_kernels, report.total_flops / 1e9)
+    """
+    check_type(model, torch.nn.Module, "model")
+    modes = tuple(modes)
+    check_arg(bool(modes) and set(modes) <= set(MODES), "modes", f"a non-empty subset of {MODES}", modes)
+    profile = load_hardware(hardware)
+    if dtype is not None:
+        dtype_key(dtype)  # validate before the slow capture
+    step = progress or (lambda _: contextlib.nullcontext())
+    seconds: dict[str, float] = {}
+
+    mark = time.perf_counter()
+    with step("capturing with torch.export"):
+        captured = capture(model, example_inputs, example_kwargs)
+    dtype = dtype or captured.dtype
+    seconds["capture"], mark = time.perf_counter() - mark, time.perf_counter()
+    with step("finding attention"):
+        sites = find_attention(captured)
+    seconds["find_attention"], mark = time.perf_counter() - mark, time.perf_counter()
+    with step("partitioning and costing"):
+        graph = captured.graph_module.graph
+        causal = {name for site in sites if site.causal for name in site.core}
+        ops = count_ops(graph, dtype, causal)
+        steps = [(label, partition(graph, dtype, config, sites=sites, causal_nodes=causal))
+                 for label, config in fusion_steps() if config.mode in modes]
+        costs = [estimate(part, profile, dtype) for _, part in steps]
+    seconds["partition_and_cost"] = time.perf_counter() - mark
+
+    finals = {part.mode: (part, cost) for (_, part), cost in zip(steps, costs)}  # last step of each mode
+    summaries = tuple(_summary(part, cost) for part, cost in (finals[m] for m in MODES if m in finals))
+    aware = finals.get("attention-aware") or finals[modes[-1]]
+    return AnalysisReport(
+        model=name or type(model).__name__,
+        dtype=str(dtype).removeprefix("torch."),
+        hardware=profile.to_json(),
+        flop_convention=FLOP_CONVENTION,
+        total_flops=sum(op.flops for op in ops),
+        dense_flops=sum(op.dense_flops for op in ops),
+        num_nodes=captured.num_nodes,
+        modes=summaries,
+        attention=tuple(_attention_rows(sites, *aware)),
+        savings=tuple(_savings(steps, costs)),
+        measured=dict(measured or {}),
+        inputs=_shapes(captured.example_inputs, captured.example_kwargs),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        notes=_NOTES,
+    )
+
+
+def _summary(part: Partition, cost: ModeCost) -> ModeSummary:
+    rows = tuple(
+        KernelRow(k.name, k.category, k.layer, k.ops, k.flops, k.bytes, k.weight_bytes, k.intensity,
+                  c.bound, c.time_s)
+        for k, c in zip(part.kernels, cost.kernels)
+    )
+    return ModeSummary(part.mode, cost.num_kernels, cost.total_flops, cost.total_bytes, cost.device_s, cost.host_s,
+                       cost.predicted_s, cost.limiter, rows)
+
+
+def _attention_rows(sites, part: Partition, cost: ModeCost) -> list[AttentionRow]:
+    where = {op: index for index, kernel in enumerate(part.kernels) for op in kernel.ops}
+    rows = []
+    for site in sites:
+        index = next((where[n] for n in reversed(site.core) if n in where), None)
+        kernel = part.kernels[index] if index is not None else None
+        rows.append(AttentionRow(
+            site.name, site.kind, site.form, site.causal, site.num_heads, site.num_kv_heads, site.head_dim_qk,
+            site.head_dim_v, site.batch, site.seq_q, site.seq_kv, site.mask, site.qkv_layout,
+            kernel.flops if kernel else 0, kernel.bytes if kernel else 0, kernel.intensity if kernel else 0.0,
+            cost.kernels[index].bound if kernel else "memory", cost.kernels[index].time_s if kernel else 0.0,
+        ))
+    return rows
+
+
+def _savings(steps: list[tuple[str, Partition]], costs: list[ModeCost]) -> list[FusionSaving]:
+    return [
+        FusionSaving(label, part.mode, before.num_kernels - cost.num_kernels, before.total_bytes - cost.total_bytes,
+                     before.predicted_s - cost.predicted_s)
+        for (label, part), before, cost in zip(steps[1:], costs, costs[1:])
+    ]
+
+
+def _shapes(inputs: tuple, kwargs: dict) -> dict[str, list[int]]:
+    named = {f"arg{i}": v for i, v in enumerate(inputs)} | dict(kwargs)
+    return {k: list(v.shape) for k, v in named.items() if isinstance(v, torch.Tensor)}

@@ -1,0 +1,471 @@
+"""Find every attention in a captured ATen graph.
+
+Three forms are recognised: SDPA nodes (``aten.scaled_dot_product_attention`` and the
+``aten._scaled_dot_product_*`` kernels), hand-written ``matmul -> (scale) -> (mask) -> softmax
+-> (dropout) -> matmul`` chains (``attn_implementation="eager"`` models, and
+``nn.MultiheadAttention`` when it returns weights), and ``nn.MultiheadAttention`` itself, which
+torch.export (checked on 2.13) lowers to one of the other two (named after the module via
+``nn_module_stack``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch.fx import Node
+from torch.fx.operator_schemas import normalize_function
+
+from attnkit.errors import check_type
+from attnkit.graph.capture import CapturedGraph
+
+__all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "sdpa_arguments", "op_name"]
+
+SDPA_OPS = frozenset(
+    {
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    }
+)
+"""ATen SDPA ops (by packet name) that :func:`find_attention` recognises."""
+
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+_LAYOUT = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+    "contiguous", "clone", "select", "slice", "getitem", "split", "split_with_sizes", "chunk",
+    "unbind", "unflatten", "flatten", "alias", "t", "to", "_to_copy", "type_as", "detach",
+    "repeat_interleave",
+}  # fmt: skip
+_PROBABILITY_PASS = {"dropout", "native_dropout", "getitem", "to", "_to_copy", "type_as", "clone", "contiguous"}
+_SEARCH_LIMIT = 64  # nodes visited per projection search; projections sit a few ops away
+
+MaskKind = Literal["none", "causal", "padding", "additive", "bool"]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention in the graph: its shape, masking and the GEMMs around it.
+
+    Node names refer to ``CapturedGraph.graph_module.graph``.
+    """
+
+    name: str
+    """Module path of the attention (``""`` for the root module); ``#2``... if a module runs twice."""
+    module_type: str
+    """Class name of that module, e.g. ``"MultiheadAttention"`` or ``"BertSelfAttention"``."""
+    form: Literal["sdpa", "matmul-softmax"]
+    """How the graph computes it: one SDPA node, or a hand-written chain."""
+    kind: Literal["self", "cross"]
+    """``"cross"`` when K/V are projected from a different tensor than Q."""
+    causal: bool
+    """``is_causal=True`` or a mask that allows no key after the query (bottom-right aligned)."""
+    num_heads: int
+    num_kv_heads: int
+    """Fewer than ``num_heads`` for GQA/MQA (K/V heads expanded or ``enable_gqa``)."""
+    head_dim_qk: int
+    head_dim_v: int
+    batch: int
+    seq_q: int
+    seq_kv: int
+    mask: MaskKind
+    """``"causal"``: exactly the causal pattern on the example inputs; ``"padding"``: otherwise
+    built from a model input (``attention_mask``); ``"additive"``/``"bool"``: any other float/bool
+    mask (e.g. T5's position bias); ``"none"``: no mask, or one that allows everything."""
+    dropout_p: float
+    """Dropout on the probabilities as captured (0.0 in eval mode)."""
+    scale: float
+    """Factor applied to ``QK^T`` (``1/sqrt(head_dim_qk)`` unless the model says otherwise)."""
+    core: tuple[str, ...]
+    """Nodes of the attention core in graph order: head reshapes/transposes, QK^T .. PV (or SDPA)."""
+    mask_nodes: tuple[str, ...]
+    """Nodes whose values are added to (float) or select (bool) the scores."""
+    projections: dict[str, str | None]
+    """``{"q","k","v","out"}`` -> name of the GEMM (linear/addmm/mm/matmul) feeding it, or None."""
+    qkv_layout: Literal["packed", "separate", "kv-packed", "separate-kv", "unknown"]
+    """``packed``: one GEMM makes Q, K and V; ``separate``: three GEMMs on one input;
+    ``kv-packed``/``separate-kv``: K and V from one GEMM / two GEMMs (cross attention)."""
+
+    def __repr__(self) -> str:
+        heads = f"{self.num_heads}" if self.num_kv_heads == self.num_heads else f"{self.num_heads}/{self.num_kv_heads}kv"
+        return (
+            f"AttentionSite({self.name or '<root>'}: {self.kind}{', causal' if self.causal else ''}, "
+            f"B={self.batch} H={heads} Sq={self.seq_q} Skv={self.seq_kv} D={self.head_dim_qk}, "
+            f"mask={self.mask}, qkv={self.qkv_layout}, {self.form})"
+        )
+
+    def __hash__(self) -> int:  # projections is a dict; the core nodes identify a site
+        return hash((self.name, self.core))
+
+    def to_json(self) -> str:
+        """The site as a JSON object string."""
+        return json.dumps(asdict(self))
+
+
+def find_attention(captured: CapturedGraph) -> list[AttentionSite]:
+    """Every attention in ``captured``, in graph order.
+
+    Args:
+        captured: from :func:`attnkit.graph.capture.capture`.
+
+    Returns:
+        One :class:`AttentionSite` per attention.
+
+    Example::
+
+        sites = find_attention(capture(model, (input_ids,), {"use_cache": False}))
+        print(sites[0])  # AttentionSite(h.0.attn: self, causal, B=1 H=12 Sq=128 ...)
+    """
+    check_type(captured, CapturedGraph, "captured", "Call attnkit.graph.capture.capture(model, inputs) first.")
+    graph_module = captured.graph_module
+    parameters = {name for name, _ in graph_module.named_parameters()}
+    cores = []
+    for node in graph_module.graph.nodes:
+        if op_name(node) in SDPA_OPS:
+            cores.append(_sdpa_core(node))
+        elif op_name(node) in _SOFTMAX and (core := _chain_core(node)) is not None:
+            cores.append(core)
+    masks = _evaluate(captured, [mask for core in cores for mask, _ in core.masks])
+    sites, seen = [], {}
+    for core in cores:
+        site = _site(core, parameters, masks)
+        seen[site.name] = seen.get(site.name, 0) + 1
+        if seen[site.name] > 1:
+            site = replace(site, name=f"{site.name}#{seen[site.name]}")
+        sites.append(site)
+    return sites
+
+
+def op_name(node: Node) -> str:
+    """The op's packet name (``"view"``, ``"getitem"``, ...) or ``""`` for non-calls."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "")
+
+
+def sdpa_arguments(node: Node) -> dict[str, Any]:
+    """Arguments of an SDPA node by name: query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa."""
+    normalized = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    arguments = dict(normalized.kwargs)
+    arguments["attn_mask"] = arguments.pop("attn_bias", arguments.get("attn_mask"))
+    defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    return {**defaults, **{key: value for key, value in arguments.items() if value is not None}}
+
+
+@dataclass
+class _Core:
+    """The attention op(s) and the Q, K, V, mask tensors that reach them."""
+
+    anchor: Node  # SDPA or softmax node: names the module
+    form: str
+    q: Node
+    k: Node  # for chains: K^T as multiplied
+    v: Node
+    ops: list[Node]
+    out: Node
+    masks: list[tuple[Node, str]]  # (mask node, "add" | "keep" | "drop")
+    causal: bool
+    scale: float | None
+    dropout_p: float
+
+
+def _sdpa_core(node: Node) -> _Core:
+    arguments = sdpa_arguments(node)
+    mask = arguments["attn_mask"]
+    masks = [] if mask is None else [(mask, "keep" if mask.meta["val"].dtype == torch.bool else "add")]
+    out = node
+    if op_name(node) != "scaled_dot_product_attention":  # returns a tuple; output 0 is the attention
+        out = next(user for user in node.users if op_name(user) == "getitem" and user.args[1] == 0)
+    return _Core(
+        node, "sdpa", arguments["query"], arguments["key"], arguments["value"], [node] + ([out] if out is not node else []),
+        out, masks, bool(arguments["is_causal"]), arguments["scale"], float(arguments["dropout_p"]),
+    )  # fmt: skip
+
+
+def _chain_core(softmax: Node) -> _Core | None:
+    """Match ``matmul -> (scale) -> (mask) -> softmax -> (dropout) -> matmul``; None if not attention."""
+    if softmax.args[1] not in (-1, softmax.meta["val"].dim() - 1):
+        return None
+    path = _pv_path(softmax)
+    if path is None:
+        return None
+    *passed, pv = path
+    ops, dropout_p = [softmax, *passed], 0.0
+    for node in passed:
+        if op_name(node) in ("dropout", "native_dropout") and (len(node.args) < 3 or node.args[2]):
+            dropout_p = float(node.args[1])
+    scores = _trace_scores(softmax.args[0], ops)
+    if scores is None:
+        return None
+    qk, masks, scale = scores
+    q, k = qk.args[1:3] if op_name(qk) == "baddbmm" else qk.args[:2]
+    if op_name(qk) == "baddbmm":  # MultiheadAttention with need_weights and a float mask
+        masks.append((qk.args[0], "add"))
+    for operand in (q, k):  # MultiheadAttention scales Q before the matmul
+        if op_name(operand) == "mul" and isinstance(operand.args[1], (int, float)):
+            scale = (scale or 1.0) * operand.args[1]
+            ops.append(operand)
+    q, k = (operand.args[0] if operand in ops else operand for operand in (q, k))
+    ops += [qk, pv]
+    return _Core(softmax, "matmul-softmax", q, k, pv.args[1], ops, pv, masks, False, scale or 1.0, dropout_p)
+
+
+def _pv_path(probabilities: Node) -> list[Node] | None:
+    """Nodes from the probabilities (dropout, casts) to the matmul that multiplies them by V, or None."""
+    for user in probabilities.users:
+        if op_name(user) in ("matmul", "bmm") and user.args[0] is probabilities:
+            return [user]
+        if op_name(user) in _PROBABILITY_PASS and (rest := _pv_path(user)) is not None:
+            return [user, *rest]
+    return None
+
+
+_SCORE_PASS = {"to", "_to_copy", "type_as", "clone", "contiguous"}
+
+
+def _trace_scores(node: Node, ops: list[Node]):
+    """Walk back from the softmax input to the QK^T GEMM: returns (qk, masks, scale) or None.
+
+    ``ops`` receives the scale/mask/cast nodes passed on the way (only when the walk succeeds).
+    """
+    name = op_name(node)
+    if name in ("matmul", "bmm", "baddbmm"):
+        return node, [], None
+    args = node.args
+    if name in _SCORE_PASS or (name in ("mul", "div") and isinstance(args[1], (int, float))):
+        step, mask = args[0], None
+    elif name == "add" and all(isinstance(arg, Node) for arg in args[:2]):
+        step = next((arg for arg in args[:2] if _trace_scores(arg, []) is not None), None)
+        mask = (args[1] if step is args[0] else args[0], "add")
+    elif name == "where" and isinstance(args[0], Node):
+        step = next((arg for arg in args[1:3] if isinstance(arg, Node) and _trace_scores(arg, []) is not None), None)
+        mask = (args[0], "keep" if step is args[1] else "drop")
+    elif name == "masked_fill":
+        step, mask = args[0], (args[1], "drop")
+    else:
+        return None
+    found = None if step is None else _trace_scores(step, ops)
+    if found is None:
+        return None
+    qk, masks, scale = found
+    if name in ("mul", "div"):
+        scale = (scale or 1.0) * (args[1] if name == "mul" else 1.0 / args[1])
+    if mask is not None:
+        masks.append(mask)
+    ops.append(node)
+    return qk, masks, scale
+
+
+def _site(core: _Core, parameters: set[str], mask_values: dict[Node, torch.Tensor]) -> AttentionSite:
+    q_shape, k_shape, v_shape = (tuple(node.meta["val"].shape) for node in (core.q, core.k, core.v))
+    seq_q, head_dim_qk = q_shape[-2:]
+    seq_kv, head_dim_v = v_shape[-2:]
+    (q_path, q_stop), (k_path, k_stop), (v_path, v_stop) = (_layout_path(node) for node in (core.q, core.k, core.v))
+    if len(q_shape) >= 4:
+        batch, num_heads = math.prod(q_shape[:-3]), q_shape[-3]
+        kv_heads = k_shape[-3] if len(k_shape) >= 4 else num_heads
+    else:  # (B*H, S, D) as in MultiheadAttention's bmm path: heads from the projection width
+        num_heads = _width([*q_path, q_stop], head_dim_qk) // head_dim_qk
+        batch, kv_heads = math.prod(q_shape[:-2]) // num_heads, num_heads
+    projections = {name: _projection(stop, parameters) for name, stop in (("q", q_stop), ("k", k_stop), ("v", v_stop))}
+    out_projection, out_path = _out_projection(core.out, parameters)
+    projections["out"] = out_projection
+    kind = _kind(projections, parameters, q_stop, k_stop)
+    causal, mask = _mask_kind(core, mask_values, seq_q, seq_kv)
+    name, module_type = _module(core.anchor)
+    core_nodes = {*q_path, *k_path, *v_path, *core.ops, *out_path}
+    order = {node: index for index, node in enumerate(core.anchor.graph.nodes)}
+    return AttentionSite(
+        name=name,
+        module_type=module_type,
+        form=core.form,
+        kind=kind,
+        causal=causal,
+        num_heads=num_heads,
+        num_kv_heads=kv_heads // _expansion(k_path),
+        head_dim_qk=head_dim_qk,
+        head_dim_v=head_dim_v,
+        batch=batch,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        mask=mask,
+        dropout_p=core.dropout_p,
+        scale=float(core.scale if core.scale is not None else 1.0 / math.sqrt(head_dim_qk)),
+        core=tuple(node.name for node in sorted(core_nodes, key=order.__getitem__)),
+        mask_nodes=tuple(node.name for node, _ in core.masks),
+        projections={key: None if node is None else node.name for key, node in projections.items()},
+        qkv_layout=_qkv_layout(projections, kind),
+    )
+
+
+def _layout_path(node: Node) -> tuple[list[Node], Node]:
+    """Layout-only nodes walked back from ``node`` (head reshapes, splits), and the node where the walk stopped."""
+    path = []
+    while op_name(node) in _LAYOUT and isinstance(node.args[0], Node):
+        path.append(node)
+        node = node.args[0]
+    return path, node
+
+
+def _width(nodes: list[Node], head_dim: int) -> int:
+    """Last dim of the first tensor on ``nodes`` that is not ``head_dim`` wide (heads * head_dim)."""
+    for node in nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.shape[-1] != head_dim:
+            return int(value.shape[-1])
+    return head_dim
+
+
+def _expansion(path: list[Node]) -> int:
+    """How many times K heads are repeated on the way to the op (GQA ``repeat_kv`` or repeat_interleave)."""
+    factor = 1
+    for node in path:
+        if op_name(node) == "expand":
+            before, after = node.args[0].meta["val"].shape, node.meta["val"].shape
+            factor *= math.prod(a for b, a in zip(before, after) if b == 1 and a > 1)
+        elif op_name(node) == "repeat_interleave" and isinstance(node.args[1], int):
+            factor *= node.args[1]
+    return factor
+
+
+def _weight_index(node: Node, parameters: set[str]) -> int | None:
+    """Index of the argument of a GEMM that is a parameter (seen through layout ops), else None."""
+    if op_name(node) not in ("linear", "addmm", "mm", "matmul"):
+        return None
+    candidates = (1, 2) if op_name(node) == "addmm" else (1, 0)
+    for index in candidates:
+        if index < len(node.args) and isinstance(node.args[index], Node):
+            _, root = _layout_path(node.args[index])
+            if root.op == "get_attr" and root.target in parameters:
+                return index
+    return None
+
+
+def _activation(gemm: Node, parameters: set[str]) -> Node:
+    weight = _weight_index(gemm, parameters)
+    index = {"addmm": 3 - weight}.get(op_name(gemm), 1 - weight)
+    return _layout_path(gemm.args[index])[1]
+
+
+def _projection(start: Node, parameters: set[str]) -> Node | None:
+    """Nearest GEMM with a weight parameter above ``start`` (breadth-first, through RoPE and casts)."""
+    queue, seen = [start], {start}
+    while queue and len(seen) < _SEARCH_LIMIT:
+        node = queue.pop(0)
+        if _weight_index(node, parameters) is not None:
+            return node
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
+    return None
+
+
+def _out_projection(out: Node, parameters: set[str]) -> tuple[Node | None, list[Node]]:
+    """The GEMM that consumes the attention output after head merges, and the layout nodes between."""
+    path, frontier = [], [out]
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if _weight_index(user, parameters) is not None and _activation(user, parameters) in (out, *path):
+                return user, path
+            if op_name(user) in _LAYOUT:
+                path.append(user)
+                frontier.append(user)
+    return None, path
+
+
+def _kind(projections: dict[str, Node | None], parameters: set[str], q_stop: Node, k_stop: Node) -> str:
+    q, k = projections["q"], projections["k"]
+    if q is not None and k is not None:
+        same = q is k or _activation(q, parameters) is _activation(k, parameters)
+    else:
+        same = q_stop is k_stop
+    return "self" if same else "cross"
+
+
+def _qkv_layout(projections: dict[str, Node | None], kind: str) -> str:
+    q, k, v = projections["q"], projections["k"], projections["v"]
+    if q is None or k is None or v is None:
+        return "unknown"
+    if q is k is v:
+        return "packed"
+    if k is v:
+        return "kv-packed"
+    return "separate" if kind == "self" else "separate-kv"
+
+
+def _module(node: Node) -> tuple[str, str]:
+    """Path and class name of the innermost module that ran ``node``."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return "", "root"
+    path, module_type = stack[-1]
+    return path, (module_type if isinstance(module_type, str) else module_type.__name__).rsplit(".", 1)[-1]
+
+
+def _mask_kind(core: _Core, values: dict[Node, torch.Tensor], seq_q: int, seq_kv: int) -> tuple[bool, MaskKind]:
+    """(causal, mask kind) from the flag and the masks' values on the example inputs."""
+    if not core.masks:
+        return core.causal, "causal" if core.causal else "none"
+    allowed, only_masking = None, True
+    for node, how in core.masks:
+        value = values[node]
+        if how == "add":
+            keep = value > torch.finfo(value.dtype).min / 2
+            only_masking &= bool((value[keep] == 0).all())
+        else:
+            keep = value.bool() if how == "keep" else ~value.bool()
+        allowed = keep if allowed is None else allowed & keep
+    future = torch.ones(seq_q, seq_kv, dtype=torch.bool).triu(seq_kv - seq_q + 1)
+    allowed = torch.broadcast_to(allowed, (*allowed.shape[:-2], seq_q, seq_kv))
+    causal = core.causal or (bool(future.any()) and not bool((allowed & future).any()))
+    if causal and only_masking and bool((allowed == ~future).all()):
+        return causal, "causal"
+    if any(_from_input(node) for node, _ in core.masks):
+        return causal, "padding"
+    if only_masking and bool(allowed.all()):  # e.g. an all-True mask built from constants
+        return causal, "none"
+    return causal, "bool" if all(how != "add" for _, how in core.masks) else "additive"
+
+
+def _from_input(node: Node) -> bool:
+    """Whether ``node`` is computed from a model input (not only from constants and weights)."""
+    stack, seen = [node], set()
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            return True
+        seen.add(node)
+        stack.extend(arg for arg in node.all_input_nodes if arg not in seen)
+    return False
+
+
+def _evaluate(captured: CapturedGraph, targets: list[Node]) -> dict[Node, torch.Tensor]:
+    """Values of ``targets`` on the example inputs, running only the nodes they depend on."""
+    needed, stack = set(), list(targets)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    graph_module = captured.graph_module
+    flat = torch.fx._pytree.tree_flatten_spec((captured.example_inputs, captured.example_kwargs), graph_module._in_spec)
+    env = dict(zip((node for node in graph_module.graph.nodes if node.op == "placeholder"), flat))
+    with torch.no_grad():
+        for node in graph_module.graph.nodes:
+            if node not in needed or node in env:
+                continue
+            if node.op == "get_attr":
+                env[node] = operator.attrgetter(node.target)(graph_module)
+            else:
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                env[node] = node.target(*args, **kwargs)
+    return {node: env[node] for node in targets}

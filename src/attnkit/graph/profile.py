@@ -1,0 +1,195 @@
+"""Measured vs predicted on a CUDA GPU: kernels and latency per forward, eager and ``torch.compile``.
+
+Kernels are counted with ``torch.profiler`` (CUDA kernel events per forward; memcpy and memset
+excluded); latency is the median of CUDA-event timed forwards (:func:`attnkit.bench.time_fn`).
+Predictions come from :func:`attnkit.graph.analyze.analyze` on the same model and inputs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from attnkit.bench import time_fn
+from attnkit.errors import UnsupportedError, check_arg
+from attnkit.graph.analyze import analyze
+
+__all__ = ["ProfileRecord", "ProfileResult", "count_kernels", "profile_models", "load_measured"]
+
+_MODES = ("eager", "compiled")
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel")
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """Predicted and measured numbers of one model, batch and mode."""
+
+    model: str
+    batch: int
+    dtype: str
+    mode: str
+    predicted_kernels: int
+    measured_kernels: float | None
+    """CUDA kernels per forward; None if skipped (``note`` says why)."""
+    predicted_ms: float
+    measured_ms: float | None
+    """Median latency per forward."""
+    note: str = ""
+
+    @property
+    def kernel_error(self) -> float | None:
+        """(predicted - measured) / measured kernel count."""
+        return None if not self.measured_kernels else (self.predicted_kernels - self.measured_kernels) / self.measured_kernels
+
+    @property
+    def latency_error(self) -> float | None:
+        """(predicted - measured) / measured latency."""
+        return None if not self.measured_ms else (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "kernel_error": self.kernel_error, "latency_error": self.latency_error}
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """A profiling session: the device, versions, and one record per model x batch x mode."""
+
+    device: str
+    torch: str
+    date: str
+    hardware: str
+    """Profile the predictions used."""
+    records: tuple[ProfileRecord, ...]
+    command: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"ProfileResult({self.device!r}, records={len(self.records)})"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "records": [r.to_json() for r in self.records]}
+
+
+def count_kernels(fn: Callable[[], object], iters: int = 3) -> float:
+    """CUDA kernels launched per call of ``fn`` (after one warm-up call), memcpy/memset excluded.
+
+    Counts the device-side kernel events; if the profiler surfaced none, counts the host-side
+    launch calls (``cudaLaunchKernel``, ``cuLaunchKernel``...) instead.
+    """
+    fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset", "[memory]"))]
+    if not kernels:
+        kernels = [e for e in events if e.name.startswith(_LAUNCH_CALLS)]
+    return len(kernels) / iters
+
+
+def _failure(error: Exception) -> str:
+    return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileRecord:
+    """Fill in the measured kernels and latency of ``record`` (eager model or ``torch.compile`` of it)."""
+    model = torch.compile(zoo.model, dynamic=False) if record.mode == "compiled" else zoo.model
+
+    def run():
+        with torch.no_grad():
+            return model(*zoo.example_inputs, **zoo.example_kwargs)
+
+    try:
+        kernels = count_kernels(run)
+        timing = time_fn(run, warmup=5, repeats=20, device="cuda")
+    except Exception as error:  # e.g. a compile failure: record it, keep going
+        log(f"{record.model} batch {record.batch} {record.mode}: {_failure(error)}")
+        return replace(record, note=_failure(error))
+    log(f"{record.model} batch {record.batch} {record.mode}: kernels {kernels:.0f} (predicted {record.predicted_kernels}), "
+        f"{timing.median_ms:.3f} ms (predicted {record.predicted_ms:.3f})")
+    return replace(record, measured_kernels=kernels, measured_ms=timing.median_ms)
+
+
+def profile_models(
+    names: Sequence[str],
+    *,
+    batches: Sequence[int] = (1, 64),
+    dtype: torch.dtype = torch.bfloat16,
+    hardware: str = "h100",
+    modes: Sequence[str] = _MODES,
+    time_budget_s: float = 450.0,
+    log: Callable[[str], None] = print,
+) -> ProfileResult:
+    """Predict and measure every model x batch x mode on the current CUDA GPU.
+
+    Args:
+        names: zoo names or ``package.module:function``.
+        batches: batch sizes.
+        dtype: model and analysis dtype.
+        hardware: the profile the predictions use (or a calibrate JSON).
+        modes: ``"eager"`` and/or ``"compiled"`` (``torch.compile`` default mode, static shapes).
+        time_budget_s: once spent, remaining ``compiled`` runs are skipped (their note says so).
+        log: progress lines.
+    Returns:
+        A :class:`ProfileResult`.
+    """
+    if not torch.cuda.is_available():
+        raise UnsupportedError("profile needs a CUDA GPU (torch.cuda.is_available() is False); "
+                               "use `attnkit analyze` for predictions only.")
+    check_arg(set(modes) <= set(_MODES), "modes", f"a subset of {_MODES}", modes)
+    from attnkit.models import build_model
+
+    start, records = time.perf_counter(), []
+    label = str(dtype).removeprefix("torch.")
+    for name in names:
+        torch._dynamo.reset()
+        for batch in batches:
+            try:
+                zoo = build_model(name, batch_size=batch, dtype=dtype, device="cuda")
+                report = analyze(zoo.model, zoo.example_inputs, zoo.example_kwargs, hardware=hardware, dtype=dtype,
+                                 name=name)
+            except Exception as error:  # one broken model must not cost the other measurements
+                log(f"{name} batch {batch}: analysis failed: {error}")
+                records += [ProfileRecord(name, batch, label, mode, 0, None, 0.0, None, _failure(error)) for mode in modes]
+                continue
+            for mode in modes:
+                predicted = report.mode(mode)
+                record = ProfileRecord(name, batch, label, mode, predicted.num_kernels, None, predicted.predicted_s * 1e3,
+                                       None)
+                if mode == "compiled" and time.perf_counter() - start > time_budget_s:
+                    records.append(replace(record, note="skipped: time budget spent"))
+                    continue
+                records.append(_measure(record, zoo, log))
+            del zoo, report
+            torch.cuda.empty_cache()
+    return ProfileResult(
+        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), hardware=str(hardware),
+        records=tuple(records), extra={"python": platform.python_version(), "seconds": round(time.perf_counter() - start, 1)},
+    )
+
+
+def load_measured(path: str | Path, model: str | None = None, batch: int | None = None) -> dict[str, dict]:
+    """Measured numbers per mode from a profile JSON, for ``analyze(..., measured=...)``.
+
+    Picks the records of ``model`` and ``batch`` (the first model/batch in the file when None).
+    """
+    data = json.loads(Path(path).read_text())
+    records = [r for r in data.get("records", []) if r.get("measured_kernels") is not None]
+    check_arg(bool(records), "measured", "a profile JSON with measured records", str(path))
+    model = model if any(r["model"] == model for r in records) else records[0]["model"]
+    batch = batch if any(r["batch"] == batch and r["model"] == model for r in records) else records[0]["batch"]
+    return {r["mode"]: {"kernels": r["measured_kernels"], "latency_ms": r["measured_ms"], "batch": r["batch"],
+                        "device": data.get("device")}
+            for r in records if r["model"] == model and r["batch"] == batch}

@@ -1,0 +1,100 @@
+"""FLOPs and bytes per node: unit shapes, and zoo totals against FlopCounterMode numbers measured on CUDA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnkit.graph.attention import find_attention
+from attnkit.graph.capture import capture
+from attnkit.graph.flops import count_ops
+from attnkit.models import build_model
+
+
+def _ops(module, *inputs, dtype=torch.float32, causal=()):
+    captured = capture(module, inputs)
+    return count_ops(captured.graph_module.graph, dtype, causal)
+
+
+class _Attend(torch.nn.Module):
+    def __init__(self, causal):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+def test_linear_is_two_flops_per_multiply_add_and_bytes_follow_the_dtype():
+    linear = torch.nn.Linear(48, 80)
+    x = torch.randn(3, 7, 48)
+    (op,) = [o for o in _ops(linear, x) if o.category == "gemm"]
+    assert op.flops == op.dense_flops == 2 * 3 * 7 * 48 * 80
+    assert op.bytes_read == 4 * (3 * 7 * 48 + 80 * 48 + 80) and op.bytes_written == 4 * 3 * 7 * 80
+    (half,) = [o for o in _ops(linear, x, dtype=torch.bfloat16) if o.category == "gemm"]
+    assert half.bytes_read * 2 == op.bytes_read
+
+
+def test_conv_and_matmul_and_einsum():
+    conv = torch.nn.Conv2d(3, 16, kernel_size=5, stride=5)
+    (op,) = [o for o in _ops(conv, torch.randn(2, 3, 35, 35)) if o.category == "conv"]
+    assert op.flops == 2 * (2 * 16 * 7 * 7) * (3 * 5 * 5)
+
+    class _Products(torch.nn.Module):
+        def forward(self, a, b):
+            return a @ b, torch.einsum("bij,bjk->bik", a, b)
+
+    a, b = torch.randn(4, 9, 11), torch.randn(4, 11, 13)
+    gemms = [o for o in _ops(_Products(), a, b) if o.category == "gemm"]
+    assert [o.flops for o in gemms] == [2 * 4 * 9 * 11 * 13] * 2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_counted_by_shape_and_causal_halved(causal):
+    q, k, v = torch.randn(2, 3, 97, 40), torch.randn(2, 3, 33, 40), torch.randn(2, 3, 33, 24)
+    (op,) = [o for o in _ops(_Attend(causal), q, k, v) if o.category == "attention"]
+    dense = 2 * 2 * 3 * 97 * 33 * (40 + 24)
+    assert op.dense_flops == dense
+    assert op.flops == (dense // 2 if causal else dense)
+
+
+def test_views_and_eval_dropout_cost_nothing():
+    class _Shuffle(torch.nn.Module):
+        def forward(self, x):
+            return F.dropout(x.view(6, 10).transpose(0, 1), 0.5, training=False).unsqueeze(0)
+
+    ops = _ops(_Shuffle(), torch.randn(60))
+    assert {o.category for o in ops} <= {"view", "noop"}
+    assert sum(o.bytes_read + o.bytes_written + o.flops for o in ops) == 0
+
+
+# name, build kwargs, target GFLOP (FlopCounterMode on CUDA, attention non-causal), layers left out of the target
+_TARGETS = [
+    ("vit_b_16", {}, 35.13, ()),
+    ("bert-base", {"seq_len": 128}, 22.35, ()),
+    ("gpt2", {"seq_len": 1024}, 212.6, ("lm_head",)),  # the target is GPT2Model: no LM head
+]
+
+
+@pytest.fixture(scope="module", params=_TARGETS, ids=[t[0] for t in _TARGETS])
+def zoo_counts(request):
+    name, kwargs, target, excluded = request.param
+    zoo = build_model(name, **kwargs)
+    captured = capture(zoo.model, zoo.example_inputs, zoo.example_kwargs)
+    sites = find_attention(captured)
+    causal = {n for site in sites if site.causal for n in site.core}
+    return name, count_ops(captured.graph_module.graph, torch.float32, causal), target, excluded, sites
+
+
+def test_zoo_totals_match_flop_counter_within_1_percent(zoo_counts):
+    name, ops, target, excluded, sites = zoo_counts
+    dense = sum(o.dense_flops for o in ops if o.layer not in excluded) / 1e9
+    assert dense == pytest.approx(target, rel=0.01), name
+    attention = sum(o.dense_flops for o in ops if o.category == "attention")
+    expected = sum(4 * s.batch * s.num_heads * s.seq_q * s.seq_kv * s.head_dim_qk for s in sites)
+    assert attention == expected
+    causal_halves = sum(o.dense_flops - o.flops for o in ops)
+    assert causal_halves == (attention // 2 if name == "gpt2" else 0)
+    for layer in excluded:  # GPT-2's LM head: counted by us, left out of the GPT2Model target
+        (head,) = [o for o in ops if o.layer == layer and o.category == "gemm"]
+        assert head.flops == 2 * 1024 * 768 * 50257
+
