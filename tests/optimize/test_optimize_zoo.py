@@ -1,0 +1,25 @@
+"""Every zoo model, full size: `optimize` rewrites its attention and passes the fp32 checks (eval and train).
+
+Marked slow (ViT-L/16 alone takes ~30 s on 2 CPU cores); the small-config tests in
+test_optimize_equivalence.py cover the same families in the default run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from attnkit.models import build_model, list_models
+from attnkit.optimize import OptimizeConfig, optimize
+
+SEQ = {"vit_b_16": None, "vit_l_16": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in list_models()])
+def test_zoo_model_equivalent(name):
+    zoo = build_model(name, batch_size=1, seq_len=SEQ.get(name, 16))
+    _, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=OptimizeConfig(measure=False))
+    assert report.rewrites, report.skipped
+    assert not [s for s in report.skipped if "recognised" in s.reason], report.skipped
+    assert {(c.what, c.mode) for c in report.checks} == {("outputs", "eval"), ("outputs", "train"), ("gradients", "train")}
+    assert report.passed, [c for c in report.checks if not c.passed]
