@@ -1,7 +1,46 @@
-"""`attnkit optimize` (placeholder until its issue lands)."""
+"""`attnkit optimize MODEL`: rewrite the model's attention, prove it equivalent, time it, print the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this subcommand to `app`."""
+
+    @app.command("optimize")
+    def optimize_command(
+        model: str = typer.Argument(..., help="Zoo name (vit_b_16, bert-base, gpt2, llama-gqa, t5-small, ...) or package.module:function."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Run the optimized model in fp32, bf16 or fp16 (default: the model's)."),
+        batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the example inputs."),
+        seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (text models)."),
+        compile_model: bool = typer.Option(False, "--compile", help="torch.compile the optimized model (the report says so)."),
+        backend: str = typer.Option("auto", "--backend", help="attnkit.ops backend for every rewritten attention."),
+        device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+        check: bool = typer.Option(True, "--check/--no-check", help="Compare outputs and gradients with the original."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    ) -> None:
+        """Rewrite MODEL's attention for speed, check it against the original, and print the report."""
+        import torch
+        from rich.console import Console
+
+        from attnkit.models import build_model
+        from attnkit.optimize import OptimizeConfig, optimize
+
+        console = Console()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = OptimizeConfig(dtype=dtype, backend=backend, compile="default" if compile_model else "none", check=check)
+        with console.status(f"building {model} (batch {batch}) on {device}"):
+            zoo = build_model(model, batch_size=batch, seq_len=seq, device=device)
+        with console.status("rewriting, checking equivalence" + (", timing" if device.startswith("cuda") else "")):
+            _, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=config)
+        report.model = model
+        console.print(report)
+        if json_path is not None:
+            json_path.write_text(report.dumps())
+            console.print(f"wrote {json_path}")
+        if not report.passed:
+            raise typer.Exit(1)

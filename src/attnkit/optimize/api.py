@@ -1,0 +1,227 @@
+"""`optimize()`: rewrite a model's attention for speed, prove it still computes the same, measure it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit.errors import check_arg, check_type
+from attnkit.nn import MultiHeadAttention
+from attnkit.ops import BACKENDS, AttentionSpec, select_backend
+from attnkit.optimize.config import OptimizeConfig, parse_dtype
+from attnkit.optimize.core import AttentionCore
+from attnkit.optimize.equivalence import check_equivalence
+from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
+from attnkit.optimize.rewrite import ModuleFilterFn, rewrite_modules
+
+__all__ = ["optimize", "backend_uses", "measure_latency"]
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str | None = None,
+    fuse_qkv: bool | None = None,
+    config: OptimizeConfig | None = None,
+    module_filter_fn: ModuleFilterFn | None = None,
+) -> tuple[nn.Module, OptimizationReport]:
+    """Rewrite every recognised attention in ``model`` and prove the result equivalent.
+
+    Rewrites (each keeps an ordinary, trainable, ``torch.compile``-able ``nn.Module`` whose
+    ``state_dict`` has the original's keys):
+
+    - ``nn.MultiheadAttention`` -> ``attnkit.nn.MultiHeadAttention`` (packed in-projection,
+      the ``attnkit.ops`` backend, weights computed only when ``need_weights=True``);
+    - transformers BERT, ViT, GPT-2, Llama (GQA, rotary) and T5 (relative bias, cross attention)
+      attention -> :class:`HFAttention` (one GEMM for Q/K/V, or K/V in cross attention);
+    - anything else is left alone and listed in ``report.skipped``.
+
+    Args:
+        model: any ``nn.Module``. Not modified unless ``config.inplace``.
+        example_inputs: positional inputs (a tensor or a tuple) for the equivalence check and timing.
+        example_kwargs: keyword inputs (e.g. ``attention_mask``) for the same.
+        dtype: cast the optimized model to this dtype (``torch.bfloat16`` or ``"bf16"``...).
+        backend: ``"auto"`` or an ``attnkit.ops`` backend name for every rewritten attention.
+        fuse_qkv: fuse separate Q/K/V projections (default True).
+        config: all options (:class:`OptimizeConfig`); ``dtype``/``backend``/``fuse_qkv`` override it.
+        module_filter_fn: ``(module, fqn) -> bool``; only attention modules it accepts are rewritten.
+
+    Returns:
+        ``(optimized_model, report)``; ``report.passed`` is False if an equivalence check failed.
+
+    Example::
+
+        fast, report = optimize(model, (pixels,), dtype="bf16")
+        print(report.dumps())
+    """
+    check_type(model, nn.Module, "model")
+    check_type(config, (OptimizeConfig, type(None)), "config", "Build one with OptimizeConfig(...) or OptimizeConfig.from_preset(name).")
+    config = config or OptimizeConfig()
+    overrides = {"dtype": parse_dtype(dtype)} if dtype is not None else {}
+    if backend is not None:
+        overrides["backend"] = backend
+    if fuse_qkv is not None:
+        overrides["fuse_qkv"] = fuse_qkv
+    config = dataclasses.replace(config, **overrides)
+    _check_backend(config.backend)
+    args = _as_args(example_inputs)
+    check_type(example_kwargs, (dict, type(None)), "example_kwargs", "Pass keyword inputs as a dict.")
+    kwargs = dict(example_kwargs or {})
+    check_arg(module_filter_fn is None or callable(module_filter_fn), "module_filter_fn", "a callable (module, fqn) -> bool or None", module_filter_fn)
+
+    original = model
+    working = model if config.inplace else copy.deepcopy(model)
+    # The original as it was, for the checks and the "before" timing (a copy when rewriting in place).
+    reference = copy.deepcopy(model) if (config.inplace and (config.check or config.measure) and args is not None) else original
+    optimized, rewrites, skips = rewrite_modules(working, config, module_filter_fn)
+    report = OptimizationReport(model=type(model).__name__, config=config.describe(), rewrites=rewrites, skipped=skips)
+    if rewrites and config.hf_masks == "sdpa":
+        _use_sdpa_masks(optimized, report)
+    if args is None:
+        report.notes.append("no example inputs: equivalence not checked, latency not measured")
+    elif config.check:  # before the cast: the fp32 check needs the fp32 weights
+        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        check_config = config if config.dtype is not None else dataclasses.replace(config, dtype=model_dtype)
+        report.checks = check_equivalence(reference, optimized, args, kwargs, config=check_config)
+    if config.dtype is not None:
+        optimized = optimized.to(config.dtype)
+    if args is not None:
+        _record_backends(optimized, args, kwargs, config, report)
+    if config.compile != "none":
+        optimized = torch.compile(optimized, mode=None if config.compile == "default" else config.compile)
+        report.compiled = config.compile
+    if args is not None and config.measure and _device_of(optimized).type == "cuda":
+        report.latency = measure_latency(reference, optimized, args, kwargs, config=config)
+    elif args is not None and config.measure:
+        report.notes.append("latency measured only on CUDA; this model is on the CPU")
+    return optimized, report
+
+
+def _as_args(example_inputs) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    check_type(example_inputs, (tuple, list), "example_inputs", "Pass a tensor or a tuple of positional inputs.")
+    return tuple(example_inputs)
+
+
+def _check_backend(backend: str) -> None:
+    check_arg(backend == "auto" or backend in BACKENDS, "backend", f"'auto' or one of {sorted(BACKENDS)}", backend)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _use_sdpa_masks(model: nn.Module, report: OptimizationReport) -> None:
+    """Have transformers build SDPA-style masks (None or bool) instead of dense float ones."""
+    for module in model.modules():
+        setter = getattr(module, "set_attn_implementation", None)
+        config = getattr(module, "config", None)
+        if setter is None or config is None:
+            continue
+        before = getattr(config, "_attn_implementation", None)
+        if before != "sdpa":
+            try:
+                setter("sdpa")
+                report.notes.append(f"attn_implementation {before!r} -> 'sdpa': masks are built as None/bool, not dense float tensors")
+            except Exception as error:  # noqa: BLE001 - any refusal only costs speed, never correctness
+                report.notes.append(f"kept attn_implementation {before!r} ({type(error).__name__}: {error})")
+        return
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and dtype is not None else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _record_backends(model: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> None:
+    """Run one eval forward so every rewritten attention decides its backend, then list the decisions."""
+    mha_uses: list[BackendUse] = []
+    hooks = [
+        module.register_forward_pre_hook(_mha_probe(path, mha_uses), with_kwargs=True)
+        for path, module in model.named_modules()
+        if isinstance(module, MultiHeadAttention)
+    ]
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(*_cast(args, config.dtype), **_cast(kwargs, config.dtype))
+            model.train(was_training)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    report.backends = backend_uses(model) + mha_uses
+
+
+def _mha_probe(path: str, uses: list[BackendUse]):
+    """A pre-hook recording what ``attnkit.ops`` auto picks for an ``attnkit.nn.MultiHeadAttention`` call."""
+
+    def hook(module: MultiHeadAttention, args: tuple, kwargs: dict) -> None:
+        cfg = module.config
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        if query.dim() != 3:
+            return
+        batch_dim, seq_dim = (0, 1) if cfg.batch_first else (1, 0)
+        masked = any(kwargs.get(name) is not None for name in ("attn_mask", "key_padding_mask")) or len(args) > 3 and args[3] is not None
+        spec = AttentionSpec(
+            batch=query.shape[batch_dim], heads_q=cfg.num_heads, heads_kv=cfg.num_kv_heads, seq_q=query.shape[seq_dim],
+            seq_kv=key.shape[seq_dim], head_dim=cfg.head_dim, head_dim_v=cfg.v_head_dim, device=query.device.type,
+            dtype=query.dtype, mask="bool" if masked else "none", causal=bool(kwargs.get("is_causal", False)),
+        )  # fmt: skip
+        need_weights = args[4] if len(args) > 4 else kwargs.get("need_weights", True)
+        if need_weights:
+            backend, why, rejected = "math", "need_weights=True: weights come from the explicit path (pass need_weights=False)", {}
+        elif cfg.backend == "auto":
+            choice = select_backend(spec)
+            backend, why, rejected = choice.chosen, f"auto: {choice.rule}", dict(choice.rejected)
+        else:
+            backend, why, rejected = cfg.backend, f"forced: backend={cfg.backend!r}", {}
+        shape = f"B={spec.batch} Hq={spec.heads_q} Hkv={spec.heads_kv} Sq={spec.seq_q} Skv={spec.seq_kv} D={spec.head_dim} {str(spec.dtype).removeprefix('torch.')} mask={spec.mask} causal={spec.causal}"
+        uses.append(BackendUse(path, backend, why, rejected, shape))
+
+    return hook
+
+
+def backend_uses(model: nn.Module) -> list[BackendUse]:
+    """Every backend decision the rewritten attentions of ``model`` have made so far."""
+    uses = []
+    for path, module in model.named_modules():
+        if isinstance(module, AttentionCore):
+            for decision in module.decisions.values():
+                s = decision.spec
+                shape = f"B={s['batch']} Hq={s['heads_q']} Hkv={s['heads_kv']} Sq={s['seq_q']} Skv={s['seq_kv']} D={s['head_dim']} {s['dtype']} mask={s['mask']} causal={s['causal']}"
+                uses.append(BackendUse(path.removesuffix(".core"), decision.backend, decision.why, decision.rejected, shape))
+    return uses
+
+
+def measure_latency(original: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, *, config: OptimizeConfig) -> Latency:
+    """Inference latency of ``original`` (in the target dtype, eager) and ``optimized`` on the same inputs."""
+    from attnkit.bench import time_fn
+
+    baseline = copy.deepcopy(original).to(config.dtype) if config.dtype is not None else original
+    baseline.eval()
+    optimized.eval()
+    a, k = _cast(args, config.dtype), _cast(kwargs, config.dtype)
+    with torch.inference_mode():
+        before = time_fn(lambda: baseline(*a, **k), warmup=config.warmup, repeats=config.repeats)
+        after = time_fn(lambda: optimized(*a, **k), warmup=config.warmup, repeats=config.repeats)
+    dtype = str(config.dtype or next(optimized.parameters()).dtype).removeprefix("torch.")
+    return Latency(str(_device_of(optimized)), dtype, before.median_ms, after.median_ms, config.compile != "none", before.clock)

@@ -1,0 +1,104 @@
+"""`OptimizeConfig`: what `optimize()` rewrites, how it checks the result, and what it measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from attnkit.errors import check_arg, check_type
+
+__all__ = ["OptimizeConfig", "PRESETS", "parse_dtype"]
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+_COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+_HF_MASKS = ("sdpa", "keep")
+
+
+def parse_dtype(value: torch.dtype | str | None, parameter: str = "dtype") -> torch.dtype | None:
+    """``torch.bfloat16``, ``"bf16"``, ``"bfloat16"`` ... -> ``torch.dtype`` (None stays None)."""
+    if value is None or isinstance(value, torch.dtype):
+        check_arg(value is None or value in _DTYPES.values(), parameter, "float32, bfloat16 or float16", value)
+        return value
+    check_arg(isinstance(value, str) and value.lower() in _DTYPES, parameter, f"a dtype or one of {sorted(_DTYPES)}", value)
+    return _DTYPES[value.lower()]
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Options of :func:`attnkit.optimize.optimize`. Presets: ``OptimizeConfig.from_preset(name)``."""
+
+    dtype: torch.dtype | None = None
+    """Cast the optimized model to this dtype (None keeps the model's dtype)."""
+    backend: str = "auto"
+    """``attnkit.ops`` backend for every rewritten attention (``"auto"`` picks per call shape)."""
+    fuse_qkv: bool = True
+    """One GEMM for separate Q/K/V projections (K/V for cross attention)."""
+    rewrite_mha: bool = True
+    """Rewrite ``torch.nn.MultiheadAttention`` into ``attnkit.nn.MultiHeadAttention``."""
+    rewrite_hf: bool = True
+    """Rewrite the attention of recognised transformers families (BERT, ViT, GPT-2, Llama, T5)."""
+    hf_masks: str = "keep"
+    """``"keep"``: leave the model's ``attn_implementation`` alone. ``"sdpa"``: switch a model built
+    with ``"eager"`` to SDPA-style masks (None or bool instead of a dense float mask per call);
+    rows that may see no key at all (queries at padded positions of a causal model) then
+    give zeros instead of eager's average of the values, so only use it when those outputs are
+    ignored (they are padding)."""
+    compile: str = "none"
+    """``torch.compile`` the optimized model: ``"none"``, ``"default"``, ``"max-autotune-no-cudagraphs"``,
+    ``"reduce-overhead"``."""
+    inplace: bool = False
+    """Rewrite the given model itself instead of a deep copy."""
+    check: bool = True
+    """Compare outputs (and gradients) with the original on the example inputs."""
+    check_training: bool = True
+    """Also compare gradients in train mode (dropout probabilities set to 0 for the check)."""
+    fp32_rtol: float = 1e-5
+    """fp32 outputs pass if ``max|opt - orig| <= fp32_rtol * max|orig|`` (gradients: 10x)."""
+    dtype_factor: float = 2.0
+    """In the target dtype, ``err(opt vs fp64) <= dtype_factor * err(orig in dtype vs fp64)`` (+ a tiny floor);
+    gradients get ``1.5 * dtype_factor`` (the FlashAttention rule: 2x outputs, 3x gradients)."""
+    measure: bool = True
+    """Time original vs optimized forward on CUDA (skipped on CPU)."""
+    warmup: int = 3
+    repeats: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        check_type(self.backend, str, "backend")
+        for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "inplace", "check", "check_training", "measure"):
+            check_type(getattr(self, name), bool, name)
+        check_arg(self.hf_masks in _HF_MASKS, "hf_masks", f"one of {_HF_MASKS}", self.hf_masks)
+        check_arg(self.compile in _COMPILE_MODES, "compile", f"one of {_COMPILE_MODES}", self.compile)
+        check_arg(self.fp32_rtol > 0, "fp32_rtol", "a float > 0", self.fp32_rtol)
+        check_arg(self.dtype_factor >= 1, "dtype_factor", "a float >= 1", self.dtype_factor)
+        check_arg(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "an int >= 0", self.warmup)
+        check_arg(isinstance(self.repeats, int) and self.repeats >= 1, "repeats", "an int >= 1", self.repeats)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "OptimizeConfig":
+        """A named preset (see ``PRESETS``) with optional field overrides."""
+        check_arg(name in PRESETS, "name", f"one of {sorted(PRESETS)}", name)
+        return replace(PRESETS[name], **overrides)
+
+    def describe(self) -> dict:
+        """Fields as JSON-friendly values."""
+        return {f.name: (str(v).removeprefix("torch.") if isinstance(v := getattr(self, f.name), torch.dtype) else v) for f in fields(self)}
+
+
+PRESETS: dict[str, OptimizeConfig] = {
+    # Rewrite, check, measure; eager.
+    "default": OptimizeConfig(),
+    # bf16 + torch.compile: the "optimize+compile" column of benchmarks/optimize/run.py.
+    "fast": OptimizeConfig(dtype=torch.bfloat16, compile="default"),
+    # Only rewrite (no copies for checking, no timing): for large models and for scripts.
+    "rewrite-only": OptimizeConfig(check=False, measure=False),
+}

@@ -1,0 +1,163 @@
+"""`OptimizationReport`: what `optimize()` changed, the proof that it still computes the same, and the speed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from attnkit.optimize.rewrite import Rewrite, Skip
+
+__all__ = ["Check", "Latency", "BackendUse", "OptimizationReport"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One equivalence comparison (outputs or gradients, one mode, one dtype).
+
+    ``max_abs``/``max_rel`` are the largest ``max|opt - ref|`` and ``max|opt - ref| / max|ref|``
+    over the tensors compared. Each tensor has its own bound (see ``rule``); ``ratio`` is the
+    largest error/bound, so the check passes iff ``ratio <= 1``; ``tolerance`` and ``baseline``
+    are the bound and the original's own error at that worst tensor.
+    """
+
+    what: str
+    """``"outputs"`` or ``"gradients"``."""
+    mode: str
+    """``"eval"`` or ``"train"``."""
+    dtype: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    rule: str
+    passed: bool
+    ratio: float = 0.0
+    baseline: float | None = None
+    tensors: int = 0
+    """How many tensors were compared (outputs or parameter gradients)."""
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Forward latency of the original and the optimized model, measured in the same run."""
+
+    device: str
+    dtype: str
+    before_ms: float
+    after_ms: float
+    compiled: bool
+    clock: str
+
+    @property
+    def speedup(self) -> float:
+        return self.before_ms / self.after_ms
+
+
+@dataclass(frozen=True)
+class BackendUse:
+    """The backend one rewritten attention ran on for one call signature, and why."""
+
+    path: str
+    backend: str
+    why: str
+    rejected: dict[str, str]
+    shape: str
+
+
+@dataclass
+class OptimizationReport:
+    """Everything `optimize()` did; ``to_json()`` for files, ``render()``/``print`` for people."""
+
+    model: str
+    config: dict
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    backends: list[BackendUse] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    latency: Latency | None = None
+    compiled: str = "none"
+    """The ``torch.compile`` mode applied to the returned model (``"none"`` = eager)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Every equivalence check passed (True when none ran)."""
+        return all(check.passed for check in self.checks)
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["passed"] = self.passed
+        if self.latency is not None:
+            record["latency"]["speedup"] = self.latency.speedup
+        return record
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, default=str)
+
+    def __repr__(self) -> str:
+        speed = f", speedup={self.latency.speedup:.2f}x" if self.latency else ""
+        return (
+            f"OptimizationReport(model={self.model!r}, rewrites={len(self.rewrites)}, skipped={len(self.skipped)}, "
+            f"checks={sum(c.passed for c in self.checks)}/{len(self.checks)} passed{speed}, compiled={self.compiled!r})"
+        )
+
+    def render(self):
+        """A ``rich`` renderable: rewrites, backends, checks, latency, skips and notes."""
+        from rich.console import Group
+        from rich.table import Table
+
+        parts = []
+        table = Table(title=f"attnkit optimize: {self.model}", title_justify="left")
+        for column in ("module", "before -> after", "family", "what changed"):
+            table.add_column(column)
+        for r in _grouped(self.rewrites):
+            table.add_row(r[0], r[1], r[2], r[3])
+        parts.append(table)
+        if self.backends:
+            table = Table(title="attention backends", title_justify="left")
+            for column in ("module", "call", "backend", "why"):
+                table.add_column(column)
+            for b in _grouped_backends(self.backends):
+                table.add_row(*b)
+            parts.append(table)
+        if self.checks:
+            table = Table(title="equivalence (random inputs)", title_justify="left")
+            for column in ("check", "max abs", "max rel", "err/bound", "rule", "result"):
+                table.add_column(column)
+            for c in self.checks:
+                result = "[green]pass[/green]" if c.passed else "[red]FAIL[/red]"
+                table.add_row(f"{c.what} {c.mode} {c.dtype}", f"{c.max_abs:.1e}", f"{c.max_rel:.1e}", f"{c.ratio:.2f}", c.rule, result)
+            parts.append(table)
+        if self.latency is not None:
+            lat = self.latency
+            parts.append(
+                f"latency ({lat.device}, {lat.dtype}, {lat.clock}): original {lat.before_ms:.3f} ms -> optimized "
+                f"{lat.after_ms:.3f} ms ({lat.speedup:.2f}x{', torch.compile' if lat.compiled else ', eager'})"
+            )
+        for skip in self.skipped:
+            parts.append(f"left alone: {skip.path} ({skip.module_class}): {skip.reason}")
+        parts.extend(f"note: {note}" for note in self.notes)
+        return Group(*parts)
+
+    def __rich__(self):
+        return self.render()
+
+
+def _grouped(rewrites: list[Rewrite]) -> list[tuple[str, str, str, str]]:
+    """Collapse runs of identical rewrites (layer 0..N-1) into one row each."""
+    rows: dict[tuple, list[str]] = {}
+    for r in rewrites:
+        rows.setdefault((f"{r.before} -> {r.after}", r.family, r.detail, _pattern(r.path)), []).append(r.path)
+    return [(f"{pattern} (x{len(paths)})" if len(paths) > 1 else paths[0], change, family, detail) for (change, family, detail, pattern), paths in rows.items()]
+
+
+def _grouped_backends(uses: list[BackendUse]) -> list[tuple[str, str, str, str]]:
+    rows: dict[tuple, int] = {}
+    for u in uses:
+        key = (_pattern(u.path), u.shape, u.backend, u.why)
+        rows[key] = rows.get(key, 0) + 1
+    return [(f"{p} (x{n})" if n > 1 else p, shape, backend, why) for (p, shape, backend, why), n in rows.items()]
+
+
+def _pattern(path: str) -> str:
+    """``encoder.layer.3.attention`` -> ``encoder.layer.*.attention``."""
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
