@@ -1,6 +1,5 @@
 """find_attention(): every attention in every zoo model, with its shape, mask and projections."""
 
-import functools
 import json
 
 import pytest
@@ -8,18 +7,19 @@ import torch
 
 from attnkit.graph.attention import AttentionSite, find_attention
 from attnkit.graph.capture import capture
-from attnkit.models import build_model
 
-_SEQ = 16  # short sequences keep export fast; the ViTs' 224x224 images fix 197 tokens
+_SEQ = 16  # the shared captures' length (tests/graph/conftest.py SEQ); short sequences keep export fast; the ViTs' 224x224 images fix 197 tokens
 
 
-@functools.cache
-def _zoo(name: str, attn_implementation: str):
-    """(ZooModel, sites) at batch 2, shared by the tests of this module."""
-    zoo = build_model(
-        name, batch_size=2, seq_len=None if name.startswith("vit") else _SEQ, attn_implementation=attn_implementation
-    )
-    return zoo, find_attention(capture(zoo.model, zoo.example_inputs, zoo.example_kwargs))
+@pytest.fixture
+def _zoo(captured_zoo):
+    """(ZooModel, sites) at batch 2, seq 16, shared across tests/graph."""
+
+    def get(name: str, attn_implementation: str):
+        zoo, _, sites = captured_zoo(name, attn_implementation)
+        return zoo, sites
+
+    return get
 
 
 def _check_common(sites, batch=2):
@@ -34,7 +34,7 @@ def _check_common(sites, batch=2):
     "name, heads, layers",
     [("vit_b_16", 12, 12), pytest.param("vit_l_16", 16, 24, marks=pytest.mark.slow)],
 )
-def test_vit(name, heads, layers):
+def test_vit(name, heads, layers, _zoo):
     zoo, sites = _zoo(name, "sdpa")
     assert len(sites) == layers
     layout = "packed" if zoo.source == "torchvision" else "separate"
@@ -45,7 +45,7 @@ def test_vit(name, heads, layers):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_bert(attn):
+def test_bert(attn, _zoo):
     _, sites = _zoo("bert-base", attn)
     assert len(sites) == 12
     assert {site.form for site in sites} == {"sdpa" if attn == "sdpa" else "matmul-softmax"}
@@ -57,7 +57,7 @@ def test_bert(attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_gpt2(attn):
+def test_gpt2(attn, _zoo):
     _, sites = _zoo("gpt2", attn)
     assert len(sites) == 12
     for site in sites:
@@ -68,7 +68,7 @@ def test_gpt2(attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_llama_gqa(attn):
+def test_llama_gqa(attn, _zoo):
     zoo, sites = _zoo("llama-gqa", attn)
     config = zoo.model.config
     assert len(sites) == config.num_hidden_layers
@@ -79,7 +79,7 @@ def test_llama_gqa(attn):
     _check_common(sites)
 
 
-def test_t5_small():
+def test_t5_small(_zoo):
     _, sites = _zoo("t5-small", "sdpa")
     encoder = [site for site in sites if site.name.startswith("encoder")]
     decoder_self = [site for site in sites if site.name.startswith("decoder") and site.kind == "self"]
@@ -91,7 +91,7 @@ def test_t5_small():
     _check_common(sites)
 
 
-def test_nn_transformer():
+def test_nn_transformer(_zoo):
     _, sites = _zoo("nn-transformer", "sdpa")
     by_role = {}
     for site in sites:
@@ -118,7 +118,7 @@ def test_multihead_attention_with_weights_is_found_by_its_bmm_chain():
     assert site.scale == pytest.approx(8**-0.5)
 
 
-def test_site_repr_and_json():
+def test_site_repr_and_json(_zoo):
     _, sites = _zoo("gpt2", "sdpa")
     site = sites[0]
     assert isinstance(site, AttentionSite)
@@ -165,3 +165,15 @@ def test_causal_with_padding_is_both(attn):
         kwargs = {"input_ids": ids, "attention_mask": attention_mask, "use_cache": False}
         (site,) = find_attention(capture(model, (), kwargs))
         assert (site.causal, site.mask) == (True, kind)
+
+
+def test_model_on_the_meta_device_is_analysed_without_values():
+    """No tensor values on ``meta``: masks are classified from the graph, and nothing mixes devices."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1)
+    model = transformers.BertModel(config).eval().to("meta")
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    mask = torch.ones(2, 8, dtype=torch.long, device="meta")
+    (site,) = find_attention(capture(model, (), {"input_ids": ids, "attention_mask": mask}))
+    assert (site.causal, site.mask, site.num_heads) == (False, "padding", 4)
+

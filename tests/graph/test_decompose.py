@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
-from attnkit.graph.attention import SDPA_OPS, find_attention, op_name
+from attnkit.graph.attention import SDPA_OPS, op_name
 from attnkit.graph.capture import capture
 from attnkit.graph.decompose import DecomposedGraph, decompose_attention
-from attnkit.models import build_model
 
 _TOLERANCE = 1e-5  # float32; the rewrite reorders only the softmax scaling, measured error is ~1e-6
 
@@ -40,13 +39,12 @@ def _assert_equivalent(captured, decomposed: DecomposedGraph):
     "name",
     ["vit_b_16", pytest.param("vit_l_16", marks=pytest.mark.slow), "bert-base", "gpt2", "llama-gqa", "t5-small", "nn-transformer"],
 )
-def test_zoo_model_decomposes_and_matches(name):
-    zoo = build_model(name, seq_len=None if name.startswith("vit") else 16)
-    captured = capture(zoo.model, zoo.example_inputs, zoo.example_kwargs)
+def test_zoo_model_decomposes_and_matches(name, captured_zoo):
+    _, captured, sites = captured_zoo(name)
     decomposed = decompose_attention(captured)
     graph = decomposed.graph_module.graph
     assert not any(op_name(node) in SDPA_OPS for node in graph.nodes)
-    assert len(decomposed.replaced) == len(find_attention(captured))
+    assert len(decomposed.replaced) == len(sites)
     assert decomposed.nodes_before == captured.num_nodes < decomposed.nodes_after == len(graph.nodes)
     softmaxes = [node for node in graph.nodes if op_name(node) in ("softmax", "_safe_softmax")]
     assert len(softmaxes) == len(decomposed.replaced)

@@ -4,10 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkit.graph.attention import find_attention
 from attnkit.graph.capture import capture
 from attnkit.graph.flops import count_ops
-from attnkit.models import build_model
 
 
 def _ops(module, *inputs, dtype=torch.float32, causal=()):
@@ -69,18 +67,16 @@ def test_views_and_eval_dropout_cost_nothing():
 
 # name, build kwargs, target GFLOP (FlopCounterMode on CUDA, attention non-causal), layers left out of the target
 _TARGETS = [
-    ("vit_b_16", {}, 35.13, ()),
-    ("bert-base", {"seq_len": 128}, 22.35, ()),
-    ("gpt2", {"seq_len": 1024}, 212.6, ("lm_head",)),  # the target is GPT2Model: no LM head
+    ("vit_b_16", {"batch_size": 2}, 2 * 35.13, ()),  # batch 2: the capture shared with the other tests
+    ("bert-base", {"batch_size": 1, "seq_len": 128}, 22.35, ()),
+    ("gpt2", {"batch_size": 1, "seq_len": 1024}, 212.6, ("lm_head",)),  # the target is GPT2Model: no LM head
 ]
 
 
 @pytest.fixture(scope="module", params=_TARGETS, ids=[t[0] for t in _TARGETS])
 def zoo_counts(request):
     name, kwargs, target, excluded = request.param
-    zoo = build_model(name, **kwargs)
-    captured = capture(zoo.model, zoo.example_inputs, zoo.example_kwargs)
-    sites = find_attention(captured)
+    _, captured, sites = request.getfixturevalue("captured_zoo")(name, **kwargs)
     causal = {n for site in sites if site.causal for n in site.core}
     return name, count_ops(captured.graph_module.graph, torch.float32, causal), target, excluded, sites
 

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(column)
         for r in result.records:
             table.add_row(r.model, str(r.batch), r.mode, str(r.predicted_kernels), _num(r.measured_kernels, 0),
-                          f"{r.predicted_ms:.3f}", _num(r.measured_ms, 3), r.note)
+                          _num(r.predicted_ms, 3), _num(r.measured_ms, 3), r.note)
         Console().print(table)
         if json_path is not None:
             json_path.write_text(json.dumps(result.to_json(), indent=1))

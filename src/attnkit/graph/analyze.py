@@ -14,6 +14,7 @@ from attnkit.graph.attention import find_attention
 from attnkit.graph.capture import capture
 from attnkit.graph.cost import ModeCost, estimate
 from attnkit.graph.flops import FLOP_CONVENTION, count_ops
+from attnkit.graph.groups import predicted_group
 from attnkit.graph.hardware import HardwareProfile, dtype_key, load_hardware
 from attnkit.graph.partition import MODES, Partition, fusion_steps, partition
 from attnkit.graph.report import AnalysisReport, AttentionRow, FusionSaving, KernelRow, ModeSummary
@@ -24,9 +25,10 @@ Progress = Callable[[str], ContextManager]
 """Called with a step description; the returned context manager wraps the step (e.g. a spinner)."""
 
 _NOTES = (
-    "compiled = a fusing compiler with GEMM epilogue fusion; torch.compile's default mode keeps cuBLAS GEMMs "
-    "unfused, so it launches more kernels than predicted here.",
-    "predicted latency = max(sum of roofline kernel times + per-kernel launch overhead, host dispatch time).",
+    "compiled = torch.compile's default mode: pointwise/reduction chains fused into Triton kernels, views free, "
+    "cuBLAS GEMMs, convolutions and SDPA as separate kernels (no GEMM epilogue fusion).",
+    "predicted latency = max(device, host_busy + f * (host_idle - host_busy)), f = max(0, 1 - device / host_busy): "
+    "device = sum of roofline kernel times + per-kernel launch cost; host = dispatch time per forward.",
 )
 
 
@@ -113,11 +115,11 @@ def analyze(
 def _summary(part: Partition, cost: ModeCost) -> ModeSummary:
     rows = tuple(
         KernelRow(k.name, k.category, k.layer, k.ops, k.flops, k.bytes, k.weight_bytes, k.intensity,
-                  c.bound, c.time_s)
+                  c.bound, c.time_s, predicted_group(k))
         for k, c in zip(part.kernels, cost.kernels)
     )
     return ModeSummary(part.mode, cost.num_kernels, cost.total_flops, cost.total_bytes, cost.device_s, cost.host_s,
-                       cost.predicted_s, cost.limiter, rows)
+                       cost.predicted_s, cost.limiter, rows, cost.host_busy_s)
 
 
 def _attention_rows(sites, part: Partition, cost: ModeCost) -> list[AttentionRow]:

@@ -411,10 +411,18 @@ def _module(node: Node) -> tuple[str, str]:
     return path, (module_type if isinstance(module_type, str) else module_type.__name__).rsplit(".", 1)[-1]
 
 
-def _mask_kind(core: _Core, values: dict[Node, torch.Tensor], seq_q: int, seq_kv: int) -> tuple[bool, MaskKind]:
-    """(causal, mask kind) from the flag and the masks' values on the example inputs."""
+def _mask_kind(core: _Core, values: dict[Node, torch.Tensor | None], seq_q: int, seq_kv: int) -> tuple[bool, MaskKind]:
+    """(causal, mask kind) from the flag and the masks' values on the example inputs (CPU tensors).
+
+    Without values (a model on the ``meta`` device) the kind comes from the graph alone: ``padding``
+    if a mask is computed from a model input, else ``bool``/``additive``; causality from the flag.
+    """
     if not core.masks:
         return core.causal, "causal" if core.causal else "none"
+    if any(values[node] is None for node, _ in core.masks):
+        if any(_from_input(node) for node, _ in core.masks):
+            return core.causal, "padding"
+        return core.causal, "bool" if all(how != "add" for _, how in core.masks) else "additive"
     allowed, only_masking = None, True
     for node, how in core.masks:
         value = values[node]
@@ -424,7 +432,7 @@ def _mask_kind(core: _Core, values: dict[Node, torch.Tensor], seq_q: int, seq_kv
         else:
             keep = value.bool() if how == "keep" else ~value.bool()
         allowed = keep if allowed is None else allowed & keep
-    future = torch.ones(seq_q, seq_kv, dtype=torch.bool).triu(seq_kv - seq_q + 1)
+    future = torch.ones(seq_q, seq_kv, dtype=torch.bool, device=allowed.device).triu(seq_kv - seq_q + 1)
     allowed = torch.broadcast_to(allowed, (*allowed.shape[:-2], seq_q, seq_kv))
     causal = core.causal or (bool(future.any()) and not bool((allowed & future).any()))
     if causal and only_masking and bool((allowed == ~future).all()):
@@ -448,8 +456,13 @@ def _from_input(node: Node) -> bool:
     return False
 
 
-def _evaluate(captured: CapturedGraph, targets: list[Node]) -> dict[Node, torch.Tensor]:
-    """Values of ``targets`` on the example inputs, running only the nodes they depend on."""
+def _evaluate(captured: CapturedGraph, targets: list[Node]) -> dict[Node, torch.Tensor | None]:
+    """Values of ``targets`` on the example inputs, running only the nodes they depend on.
+
+    The nodes run where the model lives (factory nodes carry the device they were traced on);
+    the results are copied to the CPU so the mask analysis never mixes devices. On the ``meta``
+    device there are no values: each target maps to None.
+    """
     needed, stack = set(), list(targets)
     while stack:
         node = stack.pop()
@@ -468,4 +481,11 @@ def _evaluate(captured: CapturedGraph, targets: list[Node]) -> dict[Node, torch.
             else:
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
                 env[node] = node.target(*args, **kwargs)
-    return {node: env[node] for node in targets}
+    return {node: _to_cpu(env[node]) for node in targets}
+
+
+def _to_cpu(value: Any) -> Any:
+    """A CPU copy of a tensor value, None for a ``meta`` tensor (no data), anything else unchanged."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return None if value.is_meta else value.detach().cpu()

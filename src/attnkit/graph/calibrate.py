@@ -1,47 +1,113 @@
-"""Measure a hardware profile on the current CUDA GPU: matmul rates, copy bandwidth, launch overheads.
+"""Measure a hardware profile on the current CUDA GPU: every number the cost model uses.
 
-Measured: achievable matmul TFLOP/s per dtype (square GEMMs), fused SDPA TFLOP/s, copy bandwidth
-(device-to-device copy of 1 GiB, read + write), device-side time per tiny kernel (CUDA-graph
-replay of 1000 launches) and host time per eager op called through ``nn.Module``. Datasheet
-peaks and the compiled launch overhead are taken from the built-in profile of the same GPU
-family (or the H100 one); ``extra`` records which numbers were measured.
+Device side (CUDA events, medians):
+
+* GEMM rate vs size: ``linear`` with bias at transformer shapes (M = 197, 1024, 64*197; K x N =
+  768x768, 768x2304, 768x3072, 3072x768) and 8192^3, per 16-bit dtype; fp32/tf32 at large size.
+* Fused SDPA rate vs sequence length at B*H = 64*12, D = 64, S = 128 ... 1024, and at S = 2048.
+* Convolution rate: a ViT patch embedding (64x3x224x224, 768 filters 16x16 stride 16).
+* Bandwidth of memory-bound kernels per kind (bytes read + written, launch cost subtracted):
+  add, GELU, layer norm, softmax, a row sum, a transposing copy, an embedding gather.
+* Copy bandwidth (1 GiB device-to-device) and device cost per kernel (CUDA-graph replay of tiny kernels, no host in the loop).
+
+Host side (``perf_counter`` around calls that do not synchronise):
+
+* one ``nn.Module`` call, one view op, both measured in isolation;
+* one kernel launch, fitted on a reference transformer block at tiny width (its launches,
+  views and module calls counted by :func:`attnkit.graph.partition.partition`), once with the
+  GPU idle and once with its queue backlogged by a sleeping kernel;
+* one launch of a ``torch.compile``'d forward: host time of the compiled block / its kernels.
+
+Datasheet peaks come from the built-in profile of the same GPU family (or the H100 one).
 """
 
 from __future__ import annotations
 
 import datetime
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from attnkit.bench import time_fn
 from attnkit.errors import UnsupportedError
-from attnkit.graph.hardware import HardwareProfile, list_hardware, load_hardware
+from attnkit.graph.hardware import HardwareProfile, family_profile
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "host_ms"]
 
-_GEMMS = {"bf16": (torch.bfloat16, 8192, False), "fp16": (torch.float16, 8192, False),
-          "tf32": (torch.float32, 8192, True), "fp32": (torch.float32, 4096, False)}
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_GEMM_M = (197, 1024, 64 * 197)
+_GEMM_KN = ((768, 768), (768, 2304), (768, 3072), (3072, 768))
+_ATTENTION_SEQ = (128, 197, 256, 512, 1024)
+_SLEEP_CYCLES = 100_000_000  # ~50 ms on a 2 GHz GPU: longer than any host loop timed behind it
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    return time_fn(fn, warmup=3, repeats=15, device="cuda").median_ms
+
+
+def _gemm_curve(dtype: torch.dtype) -> list[list[float]]:
+    """``[[GFLOP, TFLOP/s], ...]`` ascending, for linear-with-bias at transformer shapes and 8192^3."""
+    points = []
+    for m, k, n in [(m, k, n) for m in _GEMM_M for k, n in _GEMM_KN] + [(8192, 8192, 8192)]:
+        x, w, b = (torch.randn(*shape, device="cuda", dtype=dtype) for shape in ((m, k), (n, k), (n,)))
+        flops = 2 * m * k * n
+        points.append([round(flops / 1e9, 4), round(flops / (_ms(lambda: F.linear(x, w, b)) * 1e-3) / 1e12, 1)])
+    return sorted(points)
 
 
 def _matmul_tflops(dtype: torch.dtype, size: int, tf32: bool) -> float:
-    a = torch.randn(size, size, device="cuda", dtype=dtype)
-    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        timing = time_fn(lambda: a @ b, warmup=3, repeats=10, device="cuda")
+        return 2 * size**3 / (_ms(lambda: a @ b) * 1e-3) / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+def _attention_tflops(dtype: torch.dtype, batch: int, heads: int, seq: int) -> float:
+    q, k, v = (torch.randn(batch, heads, seq, 64, device="cuda", dtype=dtype) for _ in range(3))
+    seconds = _ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
+    return round(4 * batch * heads * seq * seq * 64 / seconds / 1e12, 1)
+
+
+def _conv_tflops(dtype: torch.dtype) -> float:
+    x = torch.randn(64, 3, 224, 224, device="cuda", dtype=dtype)
+    w, b = torch.randn(768, 3, 16, 16, device="cuda", dtype=dtype), torch.randn(768, device="cuda", dtype=dtype)
+    flops = 2 * 64 * 196 * 768 * 3 * 16 * 16
+    return round(flops / (_ms(lambda: F.conv2d(x, w, b, stride=16)) * 1e-3) / 1e12, 1)
+
+
+def _bandwidths(launch_us: float) -> dict[str, float]:
+    """GB/s per memory-bound kind, bytes read + written, at ViT-B/16 batch-64 sizes in bf16."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, y = torch.randn(64 * 197, 768, **bf16), torch.randn(64 * 197, 768, **bf16)
+    wide = torch.randn(64 * 197, 3072, **bf16)
+    scores = torch.randn(64, 12, 197, 197, **bf16)
+    gamma, beta = torch.ones(768, **bf16), torch.zeros(768, **bf16)
+    table, ids = torch.randn(50304, 768, **bf16), torch.randint(0, 50304, (64, 1024), device="cuda")
+    size = x.numel() * 2
+    cases = {
+        "pointwise": (lambda: x + y, 3 * size),
+        "activation": (lambda: F.gelu(wide), 2 * wide.numel() * 2),
+        "norm": (lambda: F.layer_norm(x, (768,), gamma, beta), 2 * size),
+        "softmax": (lambda: scores.softmax(-1), 2 * scores.numel() * 2),
+        "reduction": (lambda: wide.sum(-1), wide.numel() * 2),
+        "copy": (lambda: x.view(64, 197, 12, 64).transpose(1, 2).contiguous(), 2 * size),
+        "gather": (lambda: F.embedding(ids, table), 2 * ids.numel() * 768 * 2),
+    }
+    return {kind: round(nbytes / max(_ms(fn) * 1e-3 - launch_us * 1e-6, 1e-7) / 1e9, 1)
+            for kind, (fn, nbytes) in cases.items()}
 
 
 def _copy_gbs(gib: float = 1.0) -> float:
+    """Device-to-device copy of ``gib`` GiB, bytes read + written per second / 1e9."""
     source = torch.empty(int(gib * 2**30) // 4, device="cuda", dtype=torch.float32)
     target = torch.empty_like(source)
-    timing = time_fn(lambda: target.copy_(source), warmup=3, repeats=10, device="cuda")
-    return 2 * source.numel() * 4 / (timing.median_ms * 1e-3) / 1e9
+    return 2 * source.numel() * 4 / (_ms(lambda: target.copy_(source)) * 1e-3) / 1e9
 
 
 def _device_launch_us(count: int = 1000) -> float:
@@ -55,39 +121,81 @@ def _device_launch_us(count: int = 1000) -> float:
     with torch.cuda.graph(graph):
         for _ in range(count):
             x.add_(1)
-    timing = time_fn(graph.replay, warmup=2, repeats=10, device="cuda")
-    return timing.median_ms * 1e3 / count
+    return _ms(graph.replay) * 1e3 / count
 
 
-def _attention_tflops(dtype: torch.dtype) -> float:
-    """Fused SDPA forward rate at B=8, H=16, S=2048, D=64 (non-causal)."""
-    q, k, v = (torch.randn(8, 16, 2048, 64, device="cuda", dtype=dtype) for _ in range(3))
-    timing = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=3, repeats=10, device="cuda")
-    return 4 * 8 * 16 * 2048 * 2048 * 64 / (timing.median_ms * 1e-3) / 1e12
+def host_ms(fn: Callable[[], object], *, busy: bool = False, repeats: int = 15) -> float:
+    """Median host wall time of ``fn()`` in ms, not synchronising inside it.
 
-
-def _eager_op_us(layers: int = 100) -> float:
-    """Host wall time per eager op called through nn.Module (one ATen op per module), no sync inside."""
-    model = torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(8, 8), torch.nn.GELU(),
-                                                                     torch.nn.LayerNorm(8))]).cuda()
-    x = torch.zeros(1, 8, device="cuda")
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
+    ``busy=True`` first queues a sleeping kernel so every launch of ``fn`` finds the GPU backlogged.
+    """
+    fn()
+    samples = []
+    for _ in range(repeats):
         torch.cuda.synchronize()
+        if busy:
+            torch.cuda._sleep(_SLEEP_CYCLES)
         start = time.perf_counter()
-        model(x)
-        elapsed = time.perf_counter() - start
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
     torch.cuda.synchronize()
-    return elapsed * 1e6 / (3 * layers)
+    return statistics.median(samples)
 
 
-def _family(device_name: str) -> HardwareProfile:
-    name = device_name.lower()
-    for key in list_hardware():
-        if key.split("-")[0] in name:
-            return load_hardware(key)
-    return load_hardware("h100")
+class _Repeat(torch.nn.Module):
+    """Calls ``op`` ``count`` times on its input (no module calls inside)."""
+
+    def __init__(self, op: Callable, count: int = 200):
+        super().__init__()
+        self.op, self.count = op, count
+
+    def forward(self, x):
+        for _ in range(self.count):
+            x = self.op(x)
+        return x
+
+
+class _Block(torch.nn.Module):
+    """A pre-norm transformer block (attention + MLP) written the way model code usually is."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, x):  # x: (B, S, width)
+        b, s, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, width)
+        x = x + self.dropout(self.proj(attention))
+        return x + self.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))))
+
+
+def _host_costs() -> dict[str, float]:
+    """Host microseconds: module call, view op, kernel launch (idle / busy), compiled launch."""
+    from attnkit.graph.capture import capture
+    from attnkit.graph.partition import partition
+    from attnkit.graph.profile import count_kernels
+
+    x = torch.zeros(2, 16, 32, device="cuda")
+    with torch.no_grad():
+        modules = torch.nn.Sequential(*[torch.nn.Identity() for _ in range(200)])
+        module_us = host_ms(lambda: modules(x)) * 1e3 / 200
+        views = _Repeat(lambda t: t.view(-1).view(2, 16, 32))
+        view_us = (host_ms(lambda: views(x)) * 1e3 - module_us) / 400
+        block = torch.nn.Sequential(*[_Block() for _ in range(4)]).cuda().eval()
+        eager = partition(capture(block, (x,)).graph_module.graph, torch.float32, "eager")
+        launches = len(eager.kernels)
+        rest_us = (eager.host_ops - launches) * view_us + eager.module_calls * module_us
+        idle_us = max(host_ms(lambda: block(x)) * 1e3 - rest_us, 0.0) / launches
+        busy_us = max(host_ms(lambda: block(x), busy=True) * 1e3 - rest_us, 0.0) / launches
+        compiled = torch.compile(block)
+        compiled_us = host_ms(lambda: compiled(x)) * 1e3 / count_kernels(lambda: compiled(x))
+    return {"host_module_us": module_us, "host_view_us": view_us, "host_launch_idle_us": idle_us,
+            "host_launch_busy_us": busy_us, "compiled_launch_overhead_us": compiled_us}
 
 
 def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
@@ -96,29 +204,33 @@ def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
         raise UnsupportedError("calibrate needs a CUDA GPU (torch.cuda.is_available() is False); "
                                "on CPU pass --hardware cpu to analyze.")
     device = torch.cuda.get_device_name()
-    base = _family(device)
-    rates = {}
-    for key, (dtype, size, tf32) in _GEMMS.items():
-        log(f"matmul {key} {size}x{size}")
-        rates[key] = round(_matmul_tflops(dtype, size, tf32), 1)
-    attention = {}
-    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        log(f"attention {key}")
-        attention[key] = round(_attention_tflops(dtype), 1)
-    log("copy bandwidth")
-    bandwidth = round(_copy_gbs(), 1)
-    log("launch overheads")
-    launch, eager = round(_device_launch_us(), 2), round(_eager_op_us(), 2)
+    base = family_profile(device)
+    log("large matmuls (fp32, tf32)")
+    rates = {"fp32": round(_matmul_tflops(torch.float32, 4096, False), 1),
+             "tf32": round(_matmul_tflops(torch.float32, 8192, True), 1)}
+    curves, attention, by_seq, conv = {}, {}, {}, {}
+    for key, dtype in _HALF.items():
+        log(f"GEMM rate vs size, SDPA rate vs sequence, patch convolution ({key})")
+        curves[key] = _gemm_curve(dtype)
+        rates[key] = curves[key][-1][1]
+        by_seq[key] = [[seq, _attention_tflops(dtype, 64, 12, seq)] for seq in _ATTENTION_SEQ]
+        attention[key] = _attention_tflops(dtype, 8, 16, 2048)
+        conv[key] = _conv_tflops(dtype)
+    log("device launch cost, bandwidth per kernel kind")
+    launch = round(_device_launch_us(), 2)
+    bandwidth = _bandwidths(launch)
+    copy = round(_copy_gbs(), 1)
+    log("host costs (module call, view, launch idle/busy, compiled launch; compiles a small block)")
+    host = {key: round(value, 2) for key, value in _host_costs().items()}
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return HardwareProfile(
         key="calibrated", name=device, kind="gpu",
         peak_tflops=dict(base.peak_tflops), achievable_tflops={**base.achievable_tflops, **rates},
         attention_tflops={**base.attention_tflops, **attention},
-        peak_bandwidth_gbs=base.peak_bandwidth_gbs, achievable_bandwidth_gbs=bandwidth,
-        launch_overhead_us=launch, eager_op_overhead_us=eager,
-        compiled_launch_overhead_us=base.compiled_launch_overhead_us,
+        peak_bandwidth_gbs=base.peak_bandwidth_gbs, achievable_bandwidth_gbs=copy,
+        launch_overhead_us=launch, **host,
         memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
+        gemm_tflops_by_size=curves, attention_tflops_by_seq=by_seq, conv_tflops=conv, bandwidth_gbs_by_kind=bandwidth,
         source=f"calibrated on {device}, torch {torch.__version__}, {date}",
-        extra={"measured": [*sorted(rates), "attention_tflops", "achievable_bandwidth_gbs", "launch_overhead_us",
-                            "eager_op_overhead_us"], "peaks_from": base.key},
+        extra={"measured": sorted({*rates, "attention", "bandwidth", "launch_overhead_us", *host}), "peaks_from": base.key},
     )

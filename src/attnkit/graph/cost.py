@@ -1,10 +1,27 @@
-"""Roofline cost model: predicted time per kernel and per forward.
+"""Cost model: predicted device time per kernel, host dispatch time per forward, and their overlap.
 
-Per kernel: ``time = max(flops / achievable rate, bytes / achievable bandwidth) + launch
-overhead`` (device side; attention kernels use the fused-attention rate, others the matmul
-rate). Per forward: the device runs kernels back to back while the host dispatches them, so ``predicted = max(sum of kernel times, host dispatch time)``,
-where host dispatch = ops dispatched x per-op host overhead (eager: every ATen op, views
-included; compiled: one launch per kernel).
+Device, per kernel (seconds)::
+
+    compute = flops / rate          rate: GEMMs by size (gemm_tflops_by_size), attention by Skv
+                                    (attention_tflops_by_seq), convolutions (conv_tflops)
+    memory  = bytes / bandwidth     bandwidth of the kernel's kind: pointwise, activation, norm,
+                                    softmax, reduction, copy, gather (bandwidth_gbs_by_kind)
+    time    = max(compute, memory) + launch_overhead_us
+
+    device = sum of kernel times (the stream runs them back to back)
+
+Host, per forward (seconds): eager dispatches every ATen op from Python::
+
+    host_idle = launches * host_launch_idle_us + non-launching ops * host_view_us
+                + nn.Module calls * host_module_us
+    host_busy = the same with host_launch_busy_us (a backlogged GPU queue makes launches cheaper)
+
+and a compiled forward pays ``compiled_launch_overhead_us`` per kernel (idle = busy).
+
+Forward: the host runs ahead of the device; the device waits only when the host falls behind.
+With ``f = max(0, 1 - device / host_busy)``, the fraction of launches that find the queue
+empty, ``predicted = max(device, host_busy + f * (host_idle - host_busy))``: ``device`` when the
+GPU is the bottleneck, ``host_idle`` when the kernels are tiny, continuous in between.
 """
 
 from __future__ import annotations
@@ -13,10 +30,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from attnkit.graph.groups import memory_kind
 from attnkit.graph.hardware import HardwareProfile
 from attnkit.graph.partition import Kernel, Partition
 
-__all__ = ["KernelCost", "ModeCost", "kernel_cost", "estimate"]
+__all__ = ["KernelCost", "ModeCost", "kernel_cost", "host_times", "overlap", "estimate"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +57,7 @@ class KernelCost:
 
 @dataclass(frozen=True)
 class ModeCost:
-    """Predicted totals of one execution mode."""
+    """Predicted totals of one execution mode, in seconds."""
 
     mode: str
     num_kernels: int
@@ -48,19 +66,21 @@ class ModeCost:
     device_s: float
     """Sum of kernel times."""
     host_s: float
-    """Host dispatch time per forward."""
+    """Host dispatch time per forward with the GPU idle (what a launch-bound forward takes)."""
+    host_busy_s: float
+    """Host dispatch time per forward with the GPU backlogged."""
     kernels: tuple[KernelCost, ...]
     """One per kernel of the partition, same order."""
 
     @property
     def predicted_s(self) -> float:
-        """Predicted latency per forward: the slower of device work and host dispatch."""
-        return max(self.device_s, self.host_s)
+        """Predicted latency per forward (see the module docstring)."""
+        return overlap(self.device_s, self.host_s, self.host_busy_s)
 
     @property
     def limiter(self) -> str:
         """``"device"`` or ``"host"`` (launch-bound)."""
-        return "device" if self.device_s >= self.host_s else "host"
+        return "device" if self.device_s >= self.predicted_s else "host"
 
     def __repr__(self) -> str:
         return f"ModeCost({self.mode!r}, kernels={self.num_kernels}, predicted_ms={self.predicted_s * 1e3:.3f})"
@@ -70,28 +90,52 @@ class ModeCost:
         return {**data, "predicted_s": self.predicted_s, "limiter": self.limiter}
 
 
-def kernel_cost(kernel: Kernel, hardware: HardwareProfile, dtype: torch.dtype) -> KernelCost:
-    """Roofline time of one kernel at the achievable rates of ``hardware`` for ``dtype``.
+def overlap(device_s: float, host_idle_s: float, host_busy_s: float) -> float:
+    """Forward latency when the host dispatches while the device runs (seconds in, seconds out)."""
+    if host_busy_s <= 0:
+        return device_s
+    empty = max(0.0, 1.0 - device_s / host_busy_s)  # share of launches finding the queue drained
+    return max(device_s, host_busy_s + empty * (host_idle_s - host_busy_s))
 
-    Attention kernels run at the fused-attention rate, everything else at the matmul rate.
-    """
-    rate = hardware.attention_rate(dtype) if kernel.category == "attention" else hardware.matmul_rate(dtype)
+
+def kernel_cost(kernel: Kernel, hardware: HardwareProfile, dtype: torch.dtype) -> KernelCost:
+    """Roofline time of one kernel at the achievable rates of ``hardware`` for ``dtype``."""
+    if kernel.category in ("gemm", "qkv-gemm"):
+        rate = hardware.gemm_rate(dtype, kernel.flops)
+    elif kernel.category == "attention":
+        rate = hardware.attention_rate(dtype, kernel.seq_kv)
+    elif kernel.category == "conv":
+        rate = hardware.conv_rate(dtype)
+    else:
+        rate = hardware.matmul_rate(dtype)
     compute = kernel.flops / rate
-    memory = kernel.bytes / hardware.bandwidth
+    memory = kernel.bytes / hardware.kind_bandwidth(memory_kind(kernel))
     bound = "compute" if compute >= memory and compute > 0 else "memory"
     return KernelCost(compute, memory, hardware.launch_overhead_us * 1e-6, bound)
+
+
+def host_times(partition: Partition, hardware: HardwareProfile) -> tuple[float, float]:
+    """``(idle, busy)`` host dispatch seconds per forward of ``partition``."""
+    launches = len(partition.kernels)
+    if partition.config.fuse_pointwise:
+        seconds = launches * hardware.compiled_launch_overhead_us * 1e-6
+        return seconds, seconds
+    rest = (partition.host_ops - launches) * hardware.host_view_us + partition.module_calls * hardware.host_module_us
+    return ((launches * hardware.host_launch_idle_us + rest) * 1e-6,
+            (launches * hardware.host_launch_busy_us + rest) * 1e-6)
 
 
 def estimate(partition: Partition, hardware: HardwareProfile, dtype: torch.dtype) -> ModeCost:
     """Predicted time of every kernel of ``partition`` and the forward total."""
     costs = tuple(kernel_cost(k, hardware, dtype) for k in partition.kernels)
-    per_op = hardware.compiled_launch_overhead_us if partition.config.fuse_pointwise else hardware.eager_op_overhead_us
+    idle, busy = host_times(partition, hardware)
     return ModeCost(
         mode=partition.mode,
         num_kernels=len(partition.kernels),
         total_flops=partition.total_flops,
         total_bytes=partition.total_bytes,
         device_s=sum(c.time_s for c in costs),
-        host_s=partition.host_ops * per_op * 1e-6,
+        host_s=idle,
+        host_busy_s=busy,
         kernels=costs,
     )

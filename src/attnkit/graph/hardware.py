@@ -8,6 +8,7 @@ as a path.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from attnkit.errors import InvalidArgumentError, check_arg
 
-__all__ = ["HardwareProfile", "load_hardware", "list_hardware", "dtype_key", "parse_dtype"]
+__all__ = ["HardwareProfile", "load_hardware", "list_hardware", "family_profile", "dtype_key", "parse_dtype"]
 
 _DATA = Path(__file__).with_name("hardware_profiles.json")
 _ALIASES = {"h100": "h100-sxm", "h100-sxm5": "h100-sxm", "a100": "a100-80gb", "generic-cpu": "cpu"}
@@ -63,13 +64,31 @@ class HardwareProfile:
     achievable_bandwidth_gbs: float
     """Copy bandwidth reached in practice."""
     launch_overhead_us: float
-    """Device-side cost per kernel (launch latency and tail), added to every kernel."""
-    eager_op_overhead_us: float
-    """Host time PyTorch eager spends per dispatched ATen op (views included)."""
+    """Device-side cost per kernel (launch latency, ramp and tail), added to every kernel."""
+    host_launch_idle_us: float
+    """Host time of one kernel-launching ATen op called from Python while the GPU queue is empty."""
+    host_launch_busy_us: float
+    """The same while the GPU is backlogged (launches only append to the queue; cheaper)."""
+    host_view_us: float
+    """Host time of one ATen op that launches nothing (view, reshape, getitem, no-op dropout)."""
+    host_module_us: float
+    """Host time of one ``nn.Module`` call (``__call__`` and hooks machinery), its ops excluded."""
     compiled_launch_overhead_us: float
-    """Host time per kernel launch of a compiled forward."""
+    """Host time per kernel launch of a ``torch.compile``'d forward (inductor wrapper, guards amortised)."""
     memory_gb: float = 0.0
     """Device memory."""
+    gemm_tflops_by_size: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Per dtype key, ``[[GFLOP of one GEMM, TFLOP/s], ...]`` ascending: small GEMMs fill few SMs.
+    Interpolated in log(GFLOP); GEMMs outside the range take the nearest point."""
+    attention_tflops_by_seq: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Per dtype key, ``[[Skv, TFLOP/s], ...]`` ascending for fused SDPA at head dim 64; short
+    sequences run far below the long-sequence rate. Interpolated in log(Skv)."""
+    conv_tflops: dict[str, float] = field(default_factory=dict)
+    """Rate of convolutions per dtype key (cuDNN, layout transposes included); matmul rate if absent."""
+    bandwidth_gbs_by_kind: dict[str, float] = field(default_factory=dict)
+    """Achievable bandwidth of memory-bound kernels per kind (``pointwise``, ``activation``, ``norm``,
+    ``softmax``, ``reduction``, ``copy``, ``gather``) measured by bytes read + written; the copy
+    bandwidth for kinds not listed."""
     source: str = "datasheet"
     """``"datasheet"`` or where and when a calibration measured it."""
     extra: dict = field(default_factory=dict)
@@ -79,16 +98,39 @@ class HardwareProfile:
         check_arg(self.kind in ("gpu", "cpu"), "kind", '"gpu" or "cpu"', self.kind)
         check_arg(self.achievable_bandwidth_gbs > 0, "achievable_bandwidth_gbs", "a positive number",
                   self.achievable_bandwidth_gbs)
+        for name in ("gemm_tflops_by_size", "attention_tflops_by_seq"):
+            for key, points in getattr(self, name).items():
+                xs = [x for x, _ in points]
+                check_arg(bool(points) and xs == sorted(xs) and all(x > 0 and y > 0 for x, y in points),
+                          f"{name}[{key!r}]", "[[x, rate], ...] with positive values, x ascending", points)
 
     def matmul_rate(self, dtype: torch.dtype) -> float:
         """Achievable matmul rate for ``dtype`` in FLOP/s (falls back to fp32 for a missing dtype)."""
         rates = self.achievable_tflops
         return 1e12 * rates.get(dtype_key(dtype), rates.get("fp32", min(rates.values())))
 
-    def attention_rate(self, dtype: torch.dtype) -> float:
-        """Achievable fused-attention rate for ``dtype`` in FLOP/s (half the matmul rate if not listed)."""
+    def gemm_rate(self, dtype: torch.dtype, flops: float) -> float:
+        """Achievable rate in FLOP/s of one GEMM of ``flops`` FLOPs (the size curve, else :meth:`matmul_rate`)."""
+        curve = self.gemm_tflops_by_size.get(dtype_key(dtype))
+        return 1e12 * _interpolate(curve, flops / 1e9) if curve else self.matmul_rate(dtype)
+
+    def attention_rate(self, dtype: torch.dtype, seq_kv: int | None = None) -> float:
+        """Fused-attention rate in FLOP/s for ``dtype`` at ``seq_kv`` keys (the sequence curve when given
+        and listed, else the long-sequence rate; half the matmul rate if neither is listed)."""
+        curve = self.attention_tflops_by_seq.get(dtype_key(dtype))
+        if curve and seq_kv:
+            return 1e12 * _interpolate(curve, seq_kv)
         rate = self.attention_tflops.get(dtype_key(dtype))
         return 1e12 * rate if rate else self.matmul_rate(dtype) / 2
+
+    def conv_rate(self, dtype: torch.dtype) -> float:
+        """Convolution rate in FLOP/s for ``dtype`` (the matmul rate if not listed)."""
+        rate = self.conv_tflops.get(dtype_key(dtype))
+        return 1e12 * rate if rate else self.matmul_rate(dtype)
+
+    def kind_bandwidth(self, kind: str) -> float:
+        """Achievable bandwidth in B/s of a memory-bound kernel of ``kind`` (the copy bandwidth if not listed)."""
+        return 1e9 * self.bandwidth_gbs_by_kind.get(kind, self.achievable_bandwidth_gbs)
 
     @property
     def bandwidth(self) -> float:
@@ -112,9 +154,26 @@ class HardwareProfile:
         return cls(**{"key": key or data.get("key", "custom"), **fields})
 
 
+def _interpolate(points: list[list[float]], x: float) -> float:
+    """Piecewise-linear in log(x) through ``[[x, y], ...]`` (ascending x), clamped at both ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return points[-1][1]
+
+
 @lru_cache(maxsize=1)
 def _builtin() -> dict[str, dict]:
     return {k: v for k, v in json.loads(_DATA.read_text()).items() if not k.startswith("_")}
+
+
+def family_profile(device_name: str) -> HardwareProfile:
+    """The built-in profile whose family appears in ``device_name`` (``"NVIDIA H100 80GB HBM3"`` -> H100), else H100."""
+    name = device_name.lower()
+    key = next((key for key in _builtin() if key.split("-")[0] in name), "h100-sxm")
+    return HardwareProfile.from_json(_builtin()[key], key)
 
 
 def list_hardware() -> list[str]:
@@ -132,6 +191,8 @@ def load_hardware(hardware: "str | Path | HardwareProfile") -> HardwareProfile:
         return HardwareProfile.from_json(_builtin()[key], key)
     path = Path(text)
     if path.suffix == ".json" and path.is_file():
-        return HardwareProfile.from_json(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        base = family_profile(str(data.get("name", ""))).to_json()  # fields an older calibrate did not write
+        return HardwareProfile.from_json({**base, **data, "key": data.get("key", "custom")})
     raise InvalidArgumentError("hardware", f"one of {list_hardware()} or a profile JSON file", hardware,
                                "Run `attnkit calibrate --out profile.json` to measure this GPU.")

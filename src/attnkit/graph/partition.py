@@ -1,12 +1,16 @@
 """Partition an ATen graph into the kernels that would launch, under three execution models.
 
 * ``eager``: every op that is not a view or a no-op launches one kernel (PyTorch eager).
-* ``compiled``: a fusing compiler. Views, reshapes and factories cost nothing on their own;
-  chains of pointwise ops, gathers and reductions fuse into one kernel; pointwise ops that
-  consume a GEMM's output fuse into its epilogue; GEMMs, convolutions and SDPA stay anchors.
+* ``compiled``: ``torch.compile`` in its default mode. Views, reshapes and factories cost
+  nothing on their own; chains of pointwise ops, gathers and reductions fuse into one Triton
+  kernel; GEMMs (cuBLAS), convolutions and SDPA stay separate kernels (inductor does not fuse
+  GEMM epilogues by default; ``PartitionConfig(epilogue_fusion=True)`` models a compiler that does).
 * ``attention-aware``: ``compiled`` plus one flash-style kernel per attention site (hand-written
   matmul-softmax-matmul chains collapse) and one GEMM for separate Q/K/V projections that share
   an input (packed projections are already one GEMM).
+
+Host-side counts for the cost model: ``host_ops`` (ATen ops the host dispatches) and
+``module_calls`` (``nn.Module`` calls in an eager forward, from the nodes' module stacks).
 
 Bytes moved by a kernel = its external inputs (weights included) + the outputs used outside it,
 at the analysis dtype (see :mod:`attnkit.graph.flops`).
@@ -21,7 +25,7 @@ import torch
 from torch.fx import Graph, Node
 
 from attnkit.errors import check_arg
-from attnkit.graph.attention import op_name
+from attnkit.graph.attention import op_name, sdpa_arguments
 from attnkit.graph.flops import layer_of, node_flops, node_reads, node_writes, op_category, resolve
 
 __all__ = ["MODES", "PartitionConfig", "Kernel", "Partition", "partition", "fusion_steps"]
@@ -51,23 +55,21 @@ class PartitionConfig:
 
     @classmethod
     def from_mode(cls, mode: str) -> "PartitionConfig":
-        """The preset for ``mode``: eager fuses nothing, compiled fuses chains and epilogues, attention-aware all."""
+        """The preset for ``mode``: eager fuses nothing; compiled fuses pointwise/reduction chains (no GEMM
+        epilogues, as torch.compile's default); attention-aware adds flash attention and the Q/K/V merge."""
         check_arg(mode in MODES, "mode", f"one of {MODES}", mode)
-        compiled = mode != "eager"
         aware = mode == "attention-aware"
-        return cls(mode, compiled, compiled, aware, aware)
+        return cls(mode, fuse_pointwise=mode != "eager", attention_fusion=aware, qkv_fusion=aware)
 
 
 def fusion_steps() -> list[tuple[str, PartitionConfig]]:
     """The fusions in the order they are applied, each with the config that adds it (for savings)."""
     eager = PartitionConfig.from_mode("eager")
-    chains = replace(eager, mode="compiled", fuse_pointwise=True)
-    compiled = replace(chains, epilogue_fusion=True)
+    compiled = replace(eager, mode="compiled", fuse_pointwise=True)
     flash = replace(compiled, mode="attention-aware", attention_fusion=True)
     return [
         ("eager", eager),
-        ("free views + pointwise/reduction chains", chains),
-        ("GEMM epilogue fusion", compiled),
+        ("free views + pointwise/reduction chains", compiled),
         ("flash attention per site", flash),
         ("Q/K/V projection merge", replace(flash, qkv_fusion=True)),
     ]
@@ -91,6 +93,8 @@ class Kernel:
     """Bytes of parameters and buffers among the inputs."""
     layer: str
     """Repeated block holding the kernel's first op, e.g. ``encoder.layer.3``."""
+    seq_kv: int = 0
+    """Keys per query of an attention kernel (its rate depends on it); 0 for other kernels."""
 
     @property
     def intensity(self) -> float:
@@ -116,6 +120,8 @@ class Partition:
     kernels: tuple[Kernel, ...]
     host_ops: int
     """Ops the host dispatches per forward (eager: every non-no-op ATen call; compiled: one per kernel)."""
+    module_calls: int = 0
+    """``nn.Module`` calls of an eager forward (0 for compiled modes, whose wrapper calls no modules)."""
     qkv: dict = field(default_factory=dict)
     """Q/K/V projections: ``{"packed": sites with one GEMM, "separate": sites with several,
     "merged": GEMM groups merged}``."""
@@ -139,6 +145,7 @@ class Partition:
         return {
             "mode": self.mode, "config": asdict(self.config), "num_kernels": len(self.kernels),
             "total_flops": self.total_flops, "total_bytes": self.total_bytes, "host_ops": self.host_ops,
+            "module_calls": self.module_calls,
             "qkv": dict(self.qkv), "kernels": [k.to_json() for k in self.kernels],
         }
 
@@ -166,8 +173,14 @@ def partition(graph: Graph, dtype: torch.dtype, config: PartitionConfig | str, *
     groups = _group(live, category, config, forced, free_set)
     causal = frozenset(causal_nodes)
     kernels = tuple(_kernel(group, category, dtype, free_set, causal) for group in groups)
-    host_ops = sum(category[n] != "noop" for n in nodes) if not config.fuse_pointwise else len(kernels)
-    return Partition(config, kernels, host_ops, qkv)
+    if config.fuse_pointwise:
+        return Partition(config, kernels, len(kernels), 0, qkv)
+    return Partition(config, kernels, sum(category[n] != "noop" for n in nodes), _module_calls(nodes), qkv)
+
+
+def _module_calls(nodes: list[Node]) -> int:
+    """The root call plus the distinct submodules on the nodes' ``nn_module_stack`` (one call each)."""
+    return 1 + len({key for node in nodes for key in (node.meta.get("nn_module_stack") or {})})
 
 
 def _alive(graph: Graph) -> set[Node]:
@@ -312,7 +325,18 @@ def _kernel(group: _Group, category: dict, dtype: torch.dtype, free_set: frozens
     label = "reduction" if group.kind not in _ANCHORS and group.has_reduction else group.kind
     anchor = next((n for n in members if category[n] in _ANCHORS), members[0])
     return Kernel("+".join(names[:4]) + ("+..." if len(names) > 4 else ""), label, tuple(n.name for n in members),
-                  flops, sum(reads.values()) + written, weights, layer_of(anchor))
+                  flops, sum(reads.values()) + written, weights, layer_of(anchor),
+                  _seq_kv(members, category) if label == "attention" else 0)
+
+
+def _seq_kv(members: list[Node], category: dict) -> int:
+    """Keys per query: SDPA's key length, or the rows of V in a hand-written chain's last matmul."""
+    for node in members:
+        if category[node] == "attention":
+            return int(sdpa_arguments(node)["key"].meta["val"].shape[-2])
+    pv = next((n for n in reversed(members) if op_name(n) in ("matmul", "bmm") and len(n.args) > 1), None)
+    value = pv.args[1].meta.get("val") if pv is not None and isinstance(pv.args[1], Node) else None
+    return int(value.shape[-2]) if isinstance(value, torch.Tensor) and value.dim() >= 2 else 0
 
 
 def _used_outside(node: Node, inside: set[str], is_free) -> bool:

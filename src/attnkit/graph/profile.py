@@ -1,8 +1,11 @@
 """Measured vs predicted on a CUDA GPU: kernels and latency per forward, eager and ``torch.compile``.
 
 Kernels are counted with ``torch.profiler`` (CUDA kernel events per forward; memcpy and memset
-excluded); latency is the median of CUDA-event timed forwards (:func:`attnkit.bench.time_fn`).
-Predictions come from :func:`attnkit.graph.analyze.analyze` on the same model and inputs.
+excluded), and their device time is summed per kernel group (:mod:`attnkit.graph.groups`);
+latency is the median of CUDA-event timed forwards (:func:`attnkit.bench.time_fn`); host time is
+the median wall time of a forward that is not synchronised inside. Predictions come from
+:func:`attnkit.graph.analyze.analyze` on the same model and inputs, per group too, so an error
+can be located (GEMMs, attention, norms, elementwise, host dispatch).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import torch
 from attnkit.bench import time_fn
 from attnkit.errors import UnsupportedError, check_arg
 from attnkit.graph.analyze import analyze
+from attnkit.graph.groups import measured_group
+from attnkit.graph.hardware import HardwareProfile
 
-__all__ = ["ProfileRecord", "ProfileResult", "count_kernels", "profile_models", "load_measured"]
+__all__ = ["ProfileRecord", "ProfileResult", "kernel_stats", "count_kernels", "profile_models", "load_measured"]
 
 _MODES = ("eager", "compiled")
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel")
@@ -35,26 +40,52 @@ class ProfileRecord:
     batch: int
     dtype: str
     mode: str
-    predicted_kernels: int
+    predicted_kernels: int | None
+    """None if the analysis failed (``note`` says why)."""
     measured_kernels: float | None
-    """CUDA kernels per forward; None if skipped (``note`` says why)."""
-    predicted_ms: float
+    """CUDA kernels per forward; None if skipped or failed (``note`` says why)."""
+    predicted_ms: float | None
     measured_ms: float | None
     """Median latency per forward."""
     note: str = ""
+    predicted_host_ms: float | None = None
+    """Predicted host dispatch time per forward (GPU idle)."""
+    measured_host_ms: float | None = None
+    """Median host wall time of an unsynchronised forward."""
+    predicted_device_ms: float | None = None
+    """Predicted sum of kernel times."""
+    measured_device_ms: float | None = None
+    """Sum of measured kernel durations per forward."""
+    predicted_groups_ms: dict[str, float] = field(default_factory=dict)
+    """Predicted device time per kernel group (gemm, attention, conv, norm, elementwise, other)."""
+    measured_groups_ms: dict[str, float] = field(default_factory=dict)
+    """Measured device time per kernel group."""
 
     @property
     def kernel_error(self) -> float | None:
         """(predicted - measured) / measured kernel count."""
-        return None if not self.measured_kernels else (self.predicted_kernels - self.measured_kernels) / self.measured_kernels
+        return _relative(self.predicted_kernels, self.measured_kernels)
 
     @property
     def latency_error(self) -> float | None:
         """(predicted - measured) / measured latency."""
-        return None if not self.measured_ms else (self.predicted_ms - self.measured_ms) / self.measured_ms
+        return _relative(self.predicted_ms, self.measured_ms)
+
+    def group_errors(self) -> dict[str, float | None]:
+        """(predicted - measured) / measured device time per kernel group, host and device total included."""
+        pairs = {"host": (self.predicted_host_ms, self.measured_host_ms),
+                 "device": (self.predicted_device_ms, self.measured_device_ms)}
+        for group in sorted({*self.predicted_groups_ms, *self.measured_groups_ms}):
+            pairs[group] = (self.predicted_groups_ms.get(group, 0.0), self.measured_groups_ms.get(group))
+        return {name: _relative(predicted, measured) for name, (predicted, measured) in pairs.items()}
 
     def to_json(self) -> dict:
-        return {**asdict(self), "kernel_error": self.kernel_error, "latency_error": self.latency_error}
+        return {**asdict(self), "kernel_error": self.kernel_error, "latency_error": self.latency_error,
+                "group_errors": self.group_errors()}
+
+
+def _relative(predicted: float | None, measured: float | None) -> float | None:
+    return None if predicted is None or not measured else (predicted - measured) / measured
 
 
 @dataclass(frozen=True)
@@ -77,11 +108,12 @@ class ProfileResult:
         return {**asdict(self), "records": [r.to_json() for r in self.records]}
 
 
-def count_kernels(fn: Callable[[], object], iters: int = 3) -> float:
-    """CUDA kernels launched per call of ``fn`` (after one warm-up call), memcpy/memset excluded.
+def kernel_stats(fn: Callable[[], object], iters: int = 3) -> tuple[float, dict[str, float]]:
+    """CUDA kernels launched per call of ``fn`` (after one warm-up call), memcpy/memset excluded,
+    and their device milliseconds per call by kernel group.
 
     Counts the device-side kernel events; if the profiler surfaced none, counts the host-side
-    launch calls (``cudaLaunchKernel``, ``cuLaunchKernel``...) instead.
+    launch calls (``cudaLaunchKernel``, ``cuLaunchKernel``...) instead (and no group times).
     """
     fn()
     torch.cuda.synchronize()
@@ -93,9 +125,18 @@ def count_kernels(fn: Callable[[], object], iters: int = 3) -> float:
     events = prof.events()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                and not e.name.startswith(("Memcpy", "Memset", "[memory]"))]
+    groups: dict[str, float] = {}
+    for event in kernels:
+        group = measured_group(event.name)
+        groups[group] = groups.get(group, 0.0) + event.time_range.elapsed_us() / 1e3 / iters
     if not kernels:
         kernels = [e for e in events if e.name.startswith(_LAUNCH_CALLS)]
-    return len(kernels) / iters
+    return len(kernels) / iters, groups
+
+
+def count_kernels(fn: Callable[[], object], iters: int = 3) -> float:
+    """CUDA kernels launched per call of ``fn`` (see :func:`kernel_stats`)."""
+    return kernel_stats(fn, iters)[0]
 
 
 def _failure(error: Exception) -> str:
@@ -103,7 +144,9 @@ def _failure(error: Exception) -> str:
 
 
 def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileRecord:
-    """Fill in the measured kernels and latency of ``record`` (eager model or ``torch.compile`` of it)."""
+    """Fill in the measured kernels, latency, host time and group times of ``record``."""
+    from attnkit.graph.calibrate import host_ms
+
     model = torch.compile(zoo.model, dynamic=False) if record.mode == "compiled" else zoo.model
 
     def run():
@@ -111,14 +154,31 @@ def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileR
             return model(*zoo.example_inputs, **zoo.example_kwargs)
 
     try:
-        kernels = count_kernels(run)
+        kernels, groups = kernel_stats(run)
         timing = time_fn(run, warmup=5, repeats=20, device="cuda")
+        host = host_ms(run, repeats=5)
     except Exception as error:  # e.g. a compile failure: record it, keep going
         log(f"{record.model} batch {record.batch} {record.mode}: {_failure(error)}")
-        return replace(record, note=_failure(error))
+        return replace(record, note=_join(record.note, _failure(error)))
+    predicted = "?" if record.predicted_ms is None else f"{record.predicted_ms:.3f}"
     log(f"{record.model} batch {record.batch} {record.mode}: kernels {kernels:.0f} (predicted {record.predicted_kernels}), "
-        f"{timing.median_ms:.3f} ms (predicted {record.predicted_ms:.3f})")
-    return replace(record, measured_kernels=kernels, measured_ms=timing.median_ms)
+        f"{timing.median_ms:.3f} ms (predicted {predicted}), host {host:.3f} ms")
+    return replace(record, measured_kernels=kernels, measured_ms=timing.median_ms, measured_host_ms=host,
+                   measured_device_ms=sum(groups.values()), measured_groups_ms=groups)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
+
+
+def _predicted(report, name: str, batch: int, label: str, mode: str) -> ProfileRecord:
+    summary = report.mode(mode)
+    groups: dict[str, float] = {}
+    for kernel in summary.kernels:
+        groups[kernel.group] = groups.get(kernel.group, 0.0) + kernel.time_s * 1e3
+    return ProfileRecord(name, batch, label, mode, summary.num_kernels, None, summary.predicted_s * 1e3, None,
+                         predicted_host_ms=summary.host_s * 1e3, predicted_device_ms=summary.device_s * 1e3,
+                         predicted_groups_ms=groups)
 
 
 def profile_models(
@@ -126,12 +186,14 @@ def profile_models(
     *,
     batches: Sequence[int] = (1, 64),
     dtype: torch.dtype = torch.bfloat16,
-    hardware: str = "h100",
+    hardware: "str | HardwareProfile" = "h100",
     modes: Sequence[str] = _MODES,
     time_budget_s: float = 450.0,
     log: Callable[[str], None] = print,
 ) -> ProfileResult:
     """Predict and measure every model x batch x mode on the current CUDA GPU.
+
+    A model that fails to build, analyse or run gets records whose ``note`` says why; the others go on.
 
     Args:
         names: zoo names or ``package.module:function``.
@@ -153,29 +215,34 @@ def profile_models(
     start, records = time.perf_counter(), []
     label = str(dtype).removeprefix("torch.")
     for name in names:
-        torch._dynamo.reset()
         for batch in batches:
+            torch._dynamo.reset()
             try:
                 zoo = build_model(name, batch_size=batch, dtype=dtype, device="cuda")
+            except Exception as error:  # one broken model must not cost the other measurements
+                log(f"{name} batch {batch}: build failed: {error}")
+                records += [ProfileRecord(name, batch, label, mode, None, None, None, None, _failure(error))
+                            for mode in modes]
+                continue
+            try:
                 report = analyze(zoo.model, zoo.example_inputs, zoo.example_kwargs, hardware=hardware, dtype=dtype,
                                  name=name)
-            except Exception as error:  # one broken model must not cost the other measurements
+                planned = [_predicted(report, name, batch, label, mode) for mode in modes]
+            except Exception as error:  # measure anyway: the measurement does not need the prediction
                 log(f"{name} batch {batch}: analysis failed: {error}")
-                records += [ProfileRecord(name, batch, label, mode, 0, None, 0.0, None, _failure(error)) for mode in modes]
-                continue
-            for mode in modes:
-                predicted = report.mode(mode)
-                record = ProfileRecord(name, batch, label, mode, predicted.num_kernels, None, predicted.predicted_s * 1e3,
-                                       None)
-                if mode == "compiled" and time.perf_counter() - start > time_budget_s:
-                    records.append(replace(record, note="skipped: time budget spent"))
+                planned = [ProfileRecord(name, batch, label, mode, None, None, None, None,
+                                         f"analysis {_failure(error)}") for mode in modes]
+            for record in planned:
+                if record.mode == "compiled" and time.perf_counter() - start > time_budget_s:
+                    records.append(replace(record, note=_join(record.note, "skipped: time budget spent")))
                     continue
                 records.append(_measure(record, zoo, log))
-            del zoo, report
+            del zoo
             torch.cuda.empty_cache()
     return ProfileResult(
         device=torch.cuda.get_device_name(), torch=torch.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), hardware=str(hardware),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        hardware=hardware.key if isinstance(hardware, HardwareProfile) else str(hardware),
         records=tuple(records), extra={"python": platform.python_version(), "seconds": round(time.perf_counter() - start, 1)},
     )
 

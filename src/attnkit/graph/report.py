@@ -14,7 +14,7 @@ from attnkit.errors import check_arg
 
 __all__ = ["SCHEMA_VERSION", "KernelRow", "ModeSummary", "FusionSaving", "AttentionRow", "AnalysisReport"]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 def _build(cls, data: dict):
@@ -39,6 +39,8 @@ class KernelRow:
     """``"compute"`` or ``"memory"``: which roof limits it (attention kernels at the fused-attention rate)."""
     time_s: float
     """Predicted time, launch overhead included."""
+    group: str = ""
+    """Kernel group for comparison with measurements (:data:`attnkit.graph.groups.GROUPS`)."""
 
     def to_json(self) -> dict:
         return {**asdict(self), "ops": list(self.ops)}
@@ -58,6 +60,8 @@ class ModeSummary:
     limiter: str
     """``"device"`` or ``"host"`` (launch-bound)."""
     kernels: tuple[KernelRow, ...] = ()
+    host_busy_s: float = 0.0
+    """Host dispatch time with the GPU backlogged (``host_s`` is with the GPU idle)."""
 
     def __repr__(self) -> str:
         return f"ModeSummary({self.mode!r}, kernels={self.num_kernels}, predicted_ms={self.predicted_s * 1e3:.3f})"
