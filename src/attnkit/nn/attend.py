@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.ops import attention
+from attnkit.ops import attention, attention_weights
 
 __all__ = ["attend"]
 
@@ -37,16 +37,15 @@ def _weights_then_output(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, weights)`` through the explicit math path.
 
-    The weights come from the op itself as ``attention(q, k, I) = P @ I = P``, so they share its
-    masking, scaling, dropout and empty-row rules exactly; the cost is one ``(Sq, Skv) x (Skv, Skv)``
-    product per head, which is why ``need_weights=False`` is the fast path.
+    ``attention_weights`` shares the op's masking, scaling, dropout and empty-row rules exactly;
+    the output is then one ``(Sq, Skv) x (Skv, Dv)`` product per head. A layer pinned to the
+    float64 reference gets its weights in float64 too (cast back to q's dtype), like the op.
     """
-    batch, heads_kv, seq_kv = v.shape[:3]
-    eye = torch.eye(seq_kv, dtype=q.dtype, device=q.device).expand(batch, heads_kv, seq_kv, seq_kv)
-    # Fused kernels cap Dv (here Skv) and may not take dropout masks; the explicit path takes
-    # anything. A layer pinned to the float64 reference keeps it for its weights too.
-    weights_backend = "reference" if backend == "reference" else "math"
-    weights = attention(q, k, eye, backend=weights_backend, **options)  # (B, Hq, Sq, Skv), dropped out
+    heads_kv = v.shape[1]
+    if backend == "reference":
+        weights = attention_weights(q.double(), k.double(), **options).to(q.dtype)  # (B, Hq, Sq, Skv), dropped out
+    else:
+        weights = attention_weights(q, k, **options)
     group = q.shape[1] // heads_kv
     # Query head h reads KV head h // group: view the query heads as (Hkv, group).
     out = weights.unflatten(1, (heads_kv, group)) @ v.unsqueeze(2)  # (B, Hkv, group, Sq, Dv)

@@ -1,4 +1,9 @@
-"""The public ``attention()`` op: check inputs, pick a backend, run it."""
+"""The public ops: ``attention()`` (check inputs, pick a backend, run it) and ``attention_weights()``.
+
+Checking a call and choosing its backend cost more than a small kernel, so ``attention()``
+remembers both per call key (``ops/calls.py``): a repeated call builds the key, finds it and goes
+straight to the backend; every new key takes the full path first.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ import torch
 
 from attnkit.errors import UnsupportedError, check_type
 from attnkit.ops.auto import select_backend
+from attnkit.ops.calls import CALLS, KnownCall, call_key, remember
 from attnkit.ops.inputs import attention_spec
+from attnkit.ops.reference import explicit_weights
 from attnkit.ops.registry import BACKENDS, backend_support, get_backend, record_runtime_rejection
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_weights"]
 
 
 def attention(
@@ -62,35 +69,99 @@ def attention(
         out = attention(q, k, v, causal=True)                    # fastest backend that fits
         out, lse = attention(q, k, v, backend="chunked", return_lse=True)
     """
+    key = call_key(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend)
+    known = CALLS.get(key) if key is not None else None
+    fresh = known is None and key is not None  # remember it once it has run
+    if known is None:
+        known = _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend)
+    else:
+        try:
+            CALLS.move_to_end(key)  # least recently used goes first
+        except KeyError:  # another thread cleared the memo in between; `known` is still right
+            pass
+    options = {
+        "mask": mask,
+        "causal": causal,
+        "scale": known.default_scale if scale is None else scale,
+        "dropout_p": float(dropout_p),
+        "dropout_mask": dropout_mask,
+        "return_lse": return_lse,
+    }
+    if backend == "auto":
+        ran, (out, lse) = _run_auto(known.spec, known.backend, q, k, v, options)
+        if ran != known.backend:  # a kernel refused at run time (and the memo was cleared)
+            known, fresh = known._replace(backend=ran), key is not None
+    else:
+        out, lse = BACKENDS[backend].run(q, k, v, **options)
+    if fresh:
+        remember(key, known)
+    return (out, lse) if return_lse else out
+
+
+def _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend) -> KnownCall:
+    """The full path: every check (raising the user's error), then the backend to run."""
     spec = attention_spec(
         q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, return_lse=return_lse
     )
     check_type(backend, str, "backend")
-    options = dict(
-        mask=mask,
-        causal=causal,
-        scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-        dropout_p=float(dropout_p),
-        dropout_mask=dropout_mask,
-        return_lse=return_lse,
-    )
-    if backend != "auto":
+    if backend == "auto":
+        name = select_backend(spec).chosen
+    else:
         reason = get_backend(backend).support(spec)
         if reason is not None:
             usable = [name for name, why in backend_support(spec).items() if why is None]
             raise UnsupportedError(f"backend {backend!r} cannot run this call: {reason}. Usable here: {', '.join(usable)}.")
-        out, lse = BACKENDS[backend].run(q, k, v, **options)
-    else:
-        out, lse = _run_auto(spec, q, k, v, options)
-    return (out, lse) if return_lse else out
+        name = backend
+    return KnownCall(spec, name, 1.0 / math.sqrt(q.shape[-1]) if scale is None else None)
 
 
-def _run_auto(spec, q, k, v, options):
-    """Run the backend auto picks; if its kernel refuses at run time, remember that and take the next."""
+def _run_auto(spec, name, q, k, v, options):
+    """Run ``name`` (auto's choice); if its kernel refuses at run time, remember that and take the next.
+
+    Returns ``(backend that ran, (out, lse))``.
+    """
     while True:
-        name = select_backend(spec).chosen
         try:
-            return BACKENDS[name].run(q, k, v, **options)
+            return name, BACKENDS[name].run(q, k, v, **options)
         except UnsupportedError as error:
             record_runtime_rejection(name, spec, str(error))
             select_backend.cache_clear()
+            name = select_backend(spec).chosen
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention probabilities ``softmax(q k^T * scale + mask)`` of an ``attention()`` call, after dropout.
+
+    The same formula as the ``math`` backend (in q's dtype; pass float64 inputs for reference
+    precision) with exactly ``attention()``'s conventions: bool/additive masks, bottom-right causal,
+    GQA, dropout scaled by ``1/(1-p)``, and all-zero rows for queries with no allowed key. So
+    ``attention_weights(q, k, **options) @ v`` is ``attention(q, k, v, backend="math", **options)``
+    (with ``v`` repeated over the query heads of its group for GQA).
+
+    Args:
+        q: ``(B, Hq, Sq, D)``.
+        k: ``(B, Hkv, Skv, D)`` with ``Hq % Hkv == 0``.
+        mask, causal, scale, dropout_p, dropout_mask: as in ``attention()``.
+
+    Returns:
+        ``(B, Hq, Sq, Skv)`` in q's dtype; each row sums to 1 (before dropout) or is all zeros.
+
+    Example::
+
+        weights = attention_weights(q, k, causal=True)   # what each query attends to
+    """
+    # k stands in for v: every check on v (type, shape, dtype, device against q and k) then
+    # holds or has already failed for k, so errors name only q, k and the options.
+    attention_spec(q, k, k, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    weights, _ = explicit_weights(q, k, mask=mask, causal=causal, scale=scale, dropout_p=float(dropout_p), dropout_mask=dropout_mask)
+    return weights

@@ -4,7 +4,8 @@ A call takes the order of the first rule it matches and runs the first supported
 that order. To retune from measurements, edit ``RULES``: ``benchmarks/attention/run.py``
 prints rules ordered by what it measured (``bench.attention.suggest_rules``) and reports, for
 every shape, the fastest backend and whether auto was within 2% of it. Choices are cached per
-spec; call ``select_backend.cache_clear()`` after changing ``RULES`` at run time.
+spec (and per call in ``attention()``'s memo, see ``ops/calls.py``); call
+``select_backend.cache_clear()`` after changing ``RULES`` or ``BACKENDS`` at run time: it clears both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
+from attnkit.ops.calls import forget_calls
 from attnkit.ops.registry import BACKENDS, backend_support
 from attnkit.ops.spec import AttentionSpec
 
@@ -90,9 +92,8 @@ class BackendChoice:
         return "\n".join(lines) + ")"
 
 
-@functools.lru_cache(maxsize=1024)
 def select_backend(spec: AttentionSpec) -> BackendChoice:
-    """The backend ``auto`` runs for ``spec`` (cached per spec: it runs on every ``attention()`` call).
+    """The backend ``auto`` runs for ``spec`` (cached per spec; ``select_backend.cache_clear()`` resets).
 
     Example::
 
@@ -102,6 +103,11 @@ def select_backend(spec: AttentionSpec) -> BackendChoice:
         #   math: ranked after 'flash'
         #   cudnn: cudnn runs on cuda only, got device 'cpu' ...)
     """
+    return _choose(spec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(spec: AttentionSpec) -> BackendChoice:
     rule = next(rule for rule in RULES if rule.matches(spec))
     # Backends no rule ranks (except the float64 reference) stay reachable as a last resort.
     candidates = rule.order + tuple(name for name in BACKENDS if name not in rule.order and name != "reference")
@@ -110,3 +116,14 @@ def select_backend(spec: AttentionSpec) -> BackendChoice:
     chosen = next(name for name in candidates if support[name] is None)
     rejected = MappingProxyType({name: support[name] or f"ranked after {chosen!r}" for name in candidates if name != chosen})
     return BackendChoice(chosen=chosen, candidates=candidates, rejected=rejected, rule=rule.why)
+
+
+def _cache_clear() -> None:
+    """Forget every cached choice, here and in ``attention()``'s per-call memo."""
+    _choose.cache_clear()
+    forget_calls()
+
+
+# The functools.lru_cache API callers already use, now clearing the per-call memo too.
+select_backend.cache_clear = _cache_clear
+select_backend.cache_info = _choose.cache_info

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from attnkit.errors import check_arg, check_type, fail
+from attnkit.errors import check_type, fail
 from attnkit.ops.spec import AttentionSpec, mask_kind
 
 __all__ = ["attention_spec"]
@@ -15,14 +15,16 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_mask_shape(name: str, mask: torch.Tensor, target: tuple[int, ...], device: torch.device) -> None:
-    expected = f"a tensor broadcastable to (B, Hq, Sq, Skv) = {target}"
-    check_arg(mask.dim() <= 4, name, expected, mask)
+    if not (mask.dim() <= 4):
+        fail(name, f"a tensor broadcastable to (B, Hq, Sq, Skv) = {target}", mask)
     try:
         broadcast = torch.broadcast_shapes(mask.shape, target)
     except RuntimeError:
         broadcast = None
-    check_arg(broadcast == torch.Size(target), name, expected, mask)
-    check_arg(mask.device == device, name, f"a tensor on {device} (q's device)", mask)
+    if not (broadcast == torch.Size(target)):
+        fail(name, f"a tensor broadcastable to (B, Hq, Sq, Skv) = {target}", mask)
+    if not (mask.device == device):
+        fail(name, f"a tensor on {device} (q's device)", mask)
 
 
 def attention_spec(
@@ -46,42 +48,55 @@ def attention_spec(
         spec = attention_spec(q, k, v, causal=True)
         select_backend(spec)  # what auto would run, and why not the others
     """
+    # Checks are `if not (condition): fail(...)` so that messages are formatted only on failure.
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_type(tensor, torch.Tensor, name)
-        check_arg(tensor.dim() == 4, name, "a 4-D tensor (B, H, S, D)", tensor, "Add a heads dimension or use nn.MultiHeadAttention.")
-        check_arg(tensor.dtype in _FLOAT_DTYPES, name, "a float16/bfloat16/float32/float64 tensor", tensor)
-        check_arg(min(tensor.shape) >= 1, name, "no empty dimension", tensor)
+        if not (tensor.dim() == 4):
+            fail(name, "a 4-D tensor (B, H, S, D)", tensor, "Add a heads dimension or use nn.MultiHeadAttention.")
+        if not (tensor.dtype in _FLOAT_DTYPES):
+            fail(name, "a float16/bfloat16/float32/float64 tensor", tensor)
+        if not (min(tensor.shape) >= 1):
+            fail(name, "no empty dimension", tensor)
     for name, tensor in (("k", k), ("v", v)):
-        check_arg(tensor.dtype == q.dtype, f"{name}.dtype", f"q's dtype {q.dtype}", tensor.dtype)
-        check_arg(tensor.device == q.device, f"{name}.device", f"q's device {q.device}", tensor.device)
-        check_arg(tensor.shape[0] == q.shape[0], f"{name}.shape[0] (batch)", f"q's batch {q.shape[0]}", tensor)
+        if not (tensor.dtype == q.dtype):
+            fail(f"{name}.dtype", f"q's dtype {q.dtype}", tensor.dtype)
+        if not (tensor.device == q.device):
+            fail(f"{name}.device", f"q's device {q.device}", tensor.device)
+        if not (tensor.shape[0] == q.shape[0]):
+            fail(f"{name}.shape[0] (batch)", f"q's batch {q.shape[0]}", tensor)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_kv = k.shape[1], k.shape[2]
-    check_arg(k.shape[3] == head_dim, "k.shape[3] (head dim)", f"q's head dim {head_dim}", k)
-    check_arg(v.shape[1] == heads_kv, "v.shape[1] (heads)", f"k's KV heads {heads_kv}", v)
-    check_arg(v.shape[2] == seq_kv, "v.shape[2] (sequence)", f"k's sequence length {seq_kv}", v)
-    check_arg(
-        heads_q % heads_kv == 0,
-        "k.shape[1] (KV heads)",
-        f"a divisor of q's {heads_q} heads",
-        heads_kv,
-        "For GQA/MQA, query head h uses KV head h // (Hq // Hkv).",
-    )
+    if not (k.shape[3] == head_dim):
+        fail("k.shape[3] (head dim)", f"q's head dim {head_dim}", k)
+    if not (v.shape[1] == heads_kv):
+        fail("v.shape[1] (heads)", f"k's KV heads {heads_kv}", v)
+    if not (v.shape[2] == seq_kv):
+        fail("v.shape[2] (sequence)", f"k's sequence length {seq_kv}", v)
+    if not (heads_q % heads_kv == 0):
+        fail(
+            "k.shape[1] (KV heads)",
+            f"a divisor of q's {heads_q} heads",
+            heads_kv,
+            "For GQA/MQA, query head h uses KV head h // (Hq // Hkv).",
+        )
     target = (batch, heads_q, seq_q, seq_kv)
     if mask is not None:
         check_type(mask, torch.Tensor, "mask")
-        is_valid = mask.dtype == torch.bool or mask.is_floating_point()
-        check_arg(is_valid, "mask.dtype", "bool (True = attend) or floating (additive)", mask.dtype)
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            fail("mask.dtype", "bool (True = attend) or floating (additive)", mask.dtype)
         _check_mask_shape("mask", mask, target, q.device)
     check_type(causal, bool, "causal")
     if scale is not None:
         check_type(scale, (int, float), "scale")
-        check_arg(math.isfinite(scale) and scale > 0, "scale", "a finite float > 0 (default 1/sqrt(D))", scale)
+        if not (math.isfinite(scale) and scale > 0):
+            fail("scale", "a finite float > 0 (default 1/sqrt(D))", scale)
     check_type(dropout_p, (int, float), "dropout_p")
-    check_arg(0.0 <= dropout_p < 1.0, "dropout_p", "a float in [0, 1)", dropout_p)
+    if not (0.0 <= dropout_p < 1.0):
+        fail("dropout_p", "a float in [0, 1)", dropout_p)
     if dropout_mask is not None:
         check_type(dropout_mask, torch.Tensor, "dropout_mask")
-        check_arg(dropout_mask.dtype == torch.bool, "dropout_mask.dtype", "bool (True = keep)", dropout_mask.dtype)
+        if not (dropout_mask.dtype == torch.bool):
+            fail("dropout_mask.dtype", "bool (True = keep)", dropout_mask.dtype)
         _check_mask_shape("dropout_mask", dropout_mask, target, q.device)
         if dropout_p == 0:
             fail("dropout_p", "a float in (0, 1) when dropout_mask is given", dropout_p, "Kept values are scaled by 1/(1-dropout_p).")

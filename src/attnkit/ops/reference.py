@@ -3,7 +3,8 @@
 `reference` runs it in float64 (the ground truth); `math` runs it in the input dtype, the
 same algorithm as PyTorch's SDPA math kernel, written out so that it can take a
 ``dropout_mask``, return the log-sum-exp and give zeros for rows with no allowed key.
-Both materialize the ``(B, Hq, Sq, Skv)`` scores and run on every device.
+Both materialize the ``(B, Hq, Sq, Skv)`` scores and run on every device. ``explicit_weights``
+is the formula up to the probabilities, shared with ``attention_weights()``.
 """
 
 from __future__ import annotations
@@ -12,24 +13,24 @@ import torch
 
 from attnkit.ops.masks import merged_mask
 
-__all__ = ["explicit_attention", "reference_attention"]
+__all__ = ["explicit_attention", "explicit_weights", "reference_attention"]
 
 
-def explicit_attention(
+def explicit_weights(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     *,
     mask: torch.Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
     dropout_mask: torch.Tensor | None,
-    return_lse: bool,
+    return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention in q's dtype. Shapes as in ``attention()``; returns ``(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) | None)``."""
+    """The attention probabilities in q's dtype, after masking and dropout (the public form is
+    ``attention_weights``); returns ``(weights (B, Hq, Sq, Skv), lse (B, Hq, Sq) | None)``."""
     if (group := q.shape[1] // k.shape[1]) > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, Skv, D|Dv)
+        k = k.repeat_interleave(group, dim=1)  # (B, Hq, Skv, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Sq, Skv)
     merged = merged_mask(mask, causal, q.shape[2], k.shape[2], dtype=scores.dtype, device=q.device)
     if merged is not None:
@@ -47,6 +48,27 @@ def explicit_attention(
     if dropout_p > 0:
         keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
         probs = probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
+    return probs, lse
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    dropout_mask: torch.Tensor | None,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention in q's dtype. Shapes as in ``attention()``; returns ``(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) | None)``."""
+    probs, lse = explicit_weights(
+        q, k, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, return_lse=return_lse
+    )
+    if (group := q.shape[1] // v.shape[1]) > 1:
+        v = v.repeat_interleave(group, dim=1)  # (B, Hq, Skv, Dv)
     return probs @ v, lse
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from attnkit.errors import fail
+from attnkit.ops.calls import forget_calls
 from attnkit.ops.chunked import chunked_attention
 from attnkit.ops.flex import flex_attention, flex_support
 from attnkit.ops.reference import explicit_attention, reference_attention
@@ -62,8 +63,9 @@ _RUNTIME_REJECTIONS: dict[tuple[str, AttentionSpec], str] = {}
 
 
 def record_runtime_rejection(name: str, spec: AttentionSpec, reason: str) -> None:
-    """Remember that backend ``name`` refused ``spec`` when it ran."""
+    """Remember that backend ``name`` refused ``spec`` when it ran (``attention()``'s memo forgets its choices)."""
     _RUNTIME_REJECTIONS[(name, spec)] = reason
+    forget_calls()
 
 
 def get_backend(name: str) -> Backend:

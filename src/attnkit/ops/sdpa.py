@@ -15,7 +15,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend, _backend_names, sdpa_kernel
 
 from attnkit.errors import UnsupportedError
 from attnkit.ops.masks import empty_rows, merged_mask
@@ -29,6 +29,41 @@ FLASH_MAX_HEAD_DIM = 256
 CUDNN_MAX_HEAD_DIM = 128
 # How torch says that the forced kernel refused the call (torch 2.5-2.13).
 _REFUSALS = ("No available kernel", "No viable backend")
+
+
+# Forcing one kernel. `sdpa_kernel` is exact but, entered per call, costs more than a small kernel
+# (a generator context manager that reads and rewrites every backend flag by name, twice: ~35 µs
+# per call on a loaded 2-core CPU box, torch 2.13). `_sdpa_only` sets the same process-wide flags
+# (only `kernel` enabled, priority order untouched, as `sdpa_kernel(kernel)` does), but through the
+# C getters/setters, only those that differ, restored in `finally`. We keep SDPA's own dispatcher
+# instead of calling `torch.ops.aten._scaled_dot_product_{flash,efficient,cudnn}_attention`
+# directly: the dispatcher pads head dims, converts and aligns masks, and runs each kernel's
+# constraint checks, raising "No available kernel" (which auto turns into a fallback) instead of
+# launching a kernel on inputs it cannot take; the private ops skip all of that and their
+# signatures differ across torch 2.5-2.13. Dynamo understands only `sdpa_kernel` (not the private
+# setters), so traced calls use it. `_backend_names` is what `sdpa_kernel` itself iterates.
+_FLAGS = tuple(
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"), getattr(SDPBackend, member))
+    for name, member in _backend_names.items()
+)
+_ONLY = {kernel: tuple((get, set_, backend == kernel) for get, set_, backend in _FLAGS) for _, _, kernel in _FLAGS}
+
+
+def _sdpa_only(kernel: SDPBackend, q, k, v, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with only ``kernel`` enabled, like ``with sdpa_kernel(kernel)``."""
+    if torch.compiler.is_compiling():
+        with sdpa_kernel(kernel):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    changed = []
+    for get, set_, enabled in _ONLY[kernel]:
+        if get() != enabled:
+            set_(enabled)
+            changed.append((set_, not enabled))
+    try:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    finally:
+        for set_, enabled in changed:
+            set_(enabled)
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -121,10 +156,7 @@ def _sdpa(kernel: SDPBackend, native_gqa: bool, q, k, v, *, mask, causal, scale,
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
 
     def call() -> torch.Tensor:
-        with sdpa_kernel(kernel):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
-            )
+        return _sdpa_only(kernel, q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa)
 
     try:
         out = call()

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from attnkit.errors import check_arg
+from attnkit.errors import fail
 
 __all__ = ["AttentionSpec", "MASK_KINDS", "mask_kind"]
 
@@ -55,36 +55,29 @@ class AttentionSpec:
     """An additive mask that needs a gradient (a learned position bias in training)."""
 
     def __post_init__(self) -> None:
-        # Fill defaults through object.__setattr__ because the dataclass is frozen.
+        # Fill defaults through object.__setattr__ because the dataclass is frozen. Checks are
+        # `if not (condition): fail(...)` so that messages are formatted only on failure.
         for name, default in (("heads_kv", self.heads_q), ("seq_kv", self.seq_q), ("head_dim_v", self.head_dim)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         for name in ("batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "head_dim_v"):
             value = getattr(self, name)
-            check_arg(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
-        check_arg(
-            self.heads_q % self.heads_kv == 0,
-            "heads_kv",
-            f"a divisor of heads_q={self.heads_q}",
-            self.heads_kv,
-            "Query head h uses KV head h // (Hq // Hkv).",
-        )
-        check_arg(isinstance(self.device, str), "device", "a device type string such as 'cuda' or 'cpu'", self.device)
-        check_arg(self.dtype in _DTYPES, "dtype", "one of float16, bfloat16, float32, float64", self.dtype)
-        check_arg(self.mask in MASK_KINDS, "mask", f"one of {MASK_KINDS}", self.mask)
-        check_arg(0.0 <= self.dropout_p < 1.0, "dropout_p", "a float in [0, 1)", self.dropout_p)
-        check_arg(
-            not self.mask_requires_grad or self.mask == "additive",
-            "mask_requires_grad",
-            "True only with an additive mask",
-            self.mask_requires_grad,
-        )
-        check_arg(
-            not self.dropout_mask or self.dropout_p > 0,
-            "dropout_mask",
-            "no dropout mask when dropout_p == 0",
-            self.dropout_mask,
-        )
+            if not (isinstance(value, int) and value >= 1):
+                fail(name, "an int >= 1", value)
+        if not (self.heads_q % self.heads_kv == 0):
+            fail("heads_kv", f"a divisor of heads_q={self.heads_q}", self.heads_kv, "Query head h uses KV head h // (Hq // Hkv).")
+        if not isinstance(self.device, str):
+            fail("device", "a device type string such as 'cuda' or 'cpu'", self.device)
+        if not (self.dtype in _DTYPES):
+            fail("dtype", "one of float16, bfloat16, float32, float64", self.dtype)
+        if not (self.mask in MASK_KINDS):
+            fail("mask", f"one of {MASK_KINDS}", self.mask)
+        if not (0.0 <= self.dropout_p < 1.0):
+            fail("dropout_p", "a float in [0, 1)", self.dropout_p)
+        if not (not self.mask_requires_grad or self.mask == "additive"):
+            fail("mask_requires_grad", "True only with an additive mask", self.mask_requires_grad)
+        if not (not self.dropout_mask or self.dropout_p > 0):
+            fail("dropout_mask", "no dropout mask when dropout_p == 0", self.dropout_mask)
 
     @property
     def gqa_ratio(self) -> int:
