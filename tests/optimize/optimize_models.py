@@ -86,7 +86,7 @@ def torch_mha(impl: str):
 
 
 BUILDERS = {"bert": bert, "bert-decoder": bert_decoder, "vit": vit, "gpt2": gpt2, "llama": llama, "t5": t5, "torch-mha": torch_mha}
-REWRITES = {"bert": 2, "bert-decoder": 2, "vit": 2, "gpt2": 2, "llama": 2, "t5": 6, "torch-mha": 2}
+REWRITES = {"bert": 2, "bert-decoder": 2, "vit": 3, "gpt2": 2, "llama": 2, "t5": 6, "torch-mha": 2}
 
 
 def build(name: str, impl: str = "sdpa", seed: int = 0):

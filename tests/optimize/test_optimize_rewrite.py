@@ -111,8 +111,8 @@ def test_report_json_and_render():
     console = Console(record=True, width=160)
     console.print(report)
     text = console.export_text()
-    assert "ViTAttention -> HFAttention" in text and "pass" in text
-    assert "rewrites=2" in repr(report)
+    assert "ViTAttention -> HFAttention" in text and "Conv2d -> PatchifyGEMM" in text and "pass" in text
+    assert "rewrites=3" in repr(report)  # two attentions and the patch embedding
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend", help="attnkit.ops backend for every rewritten attention."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         check: bool = typer.Option(True, "--check/--no-check", help="Compare outputs and gradients with the original."),
+        select: Optional[bool] = typer.Option(
+            None, "--select/--no-select", help="Time original vs rewritten (and both compiled with --compile); keep the fastest proven one (default: on for cuda)."
+        ),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     ) -> None:
         """Rewrite MODEL's attention for speed, check it against the original, and print the report."""
@@ -32,10 +35,11 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        config = OptimizeConfig(dtype=dtype, backend=backend, compile="default" if compile_model else "none", check=check)
+        select = device.startswith("cuda") if select is None else select
+        config = OptimizeConfig(dtype=dtype, backend=backend, compile="default" if compile_model else "none", check=check, select=select)
         with console.status(f"building {model} (batch {batch}) on {device}"):
             zoo = build_model(model, batch_size=batch, seq_len=seq, device=device)
-        with console.status("rewriting, checking equivalence" + (", timing" if device.startswith("cuda") else "")):
+        with console.status("rewriting, checking equivalence" + (", timing" if device.startswith("cuda") or select else "")):
             _, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=config)
         report.model = model
         console.print(report)

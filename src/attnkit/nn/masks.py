@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.errors import check_arg, check_type
+from attnkit.errors import check_arg, check_type, fail
 
 __all__ = ["attn_mask_to_ops", "key_padding_to_keep", "combine_masks", "append_allowed_keys"]
 
@@ -52,14 +52,14 @@ def attn_mask_to_ops(
     else:
         ok = attn_mask.dim() == 4 and all(n in (1, m) for n, m in zip(attn_mask.shape, full))
         mask = attn_mask
-    check_arg(
-        ok,
-        "attn_mask",
-        f"shape (Sq, Skv)={(seq_q, seq_kv)}, (B*num_heads, Sq, Skv)={(batch * num_heads, seq_q, seq_kv)} "
-        f"or 4-D broadcastable to {full}",
-        attn_mask,
-        "Skv counts cached keys and excludes the add_bias_kv/add_zero_attn columns.",
-    )
+    if not ok:  # the message is formatted only on failure: this runs on every call
+        fail(
+            "attn_mask",
+            f"shape (Sq, Skv)={(seq_q, seq_kv)}, (B*num_heads, Sq, Skv)={(batch * num_heads, seq_q, seq_kv)} "
+            f"or 4-D broadcastable to {full}",
+            attn_mask,
+            "Skv counts cached keys and excludes the add_bias_kv/add_zero_attn columns.",
+        )
     return ~mask if mask.dtype == torch.bool else mask
 
 
@@ -68,12 +68,8 @@ def key_padding_to_keep(key_padding_mask: torch.Tensor | None, *, batch: int, se
     if key_padding_mask is None:
         return None
     _check_mask_dtype(key_padding_mask, "key_padding_mask")
-    check_arg(
-        tuple(key_padding_mask.shape) == (batch, seq_kv),
-        "key_padding_mask",
-        f"shape (B, Skv)={(batch, seq_kv)}",
-        key_padding_mask,
-    )
+    if tuple(key_padding_mask.shape) != (batch, seq_kv):
+        fail("key_padding_mask", f"shape (B, Skv)={(batch, seq_kv)}", key_padding_mask)
     return ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask
 
 

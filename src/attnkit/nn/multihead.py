@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.errors import check_arg, check_type
+from attnkit.errors import check_arg, check_type, fail
 from attnkit.nn.attend import attend
 from attnkit.nn.config import MultiHeadAttentionConfig
 from attnkit.nn.kv_cache import KVCache
@@ -18,6 +18,12 @@ from attnkit.nn.masks import append_allowed_keys, attn_mask_to_ops, combine_mask
 from attnkit.ops import causal_mask
 
 __all__ = ["MultiHeadAttention"]
+
+_TENSOR = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+# (config, shapes, float-ness) of inputs that passed `_validate_inputs` -> batched; bounded, cleared when full.
+_VALID_LAYOUTS: dict[tuple, bool] = {}
+_MAX_LAYOUTS = 1024
 
 
 def _config_field(name: str) -> property:
@@ -183,18 +189,16 @@ class MultiHeadAttention(nn.Module):
         seq_q = query.shape[1]
 
         q, k, v = self._project(query, key, value, self_attention)
-        q = q.unflatten(-1, (cfg.num_heads, cfg.head_dim)).transpose(1, 2)  # (B, Hq, Sq, D)
-        k = k.unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)  # (B, Hkv, Skv, D)
-        v = v.unflatten(-1, (cfg.num_kv_heads, cfg.v_head_dim)).transpose(1, 2)  # (B, Hkv, Skv, Dv)
+        # view, not unflatten: the same split of the last dimension without Tensor.unflatten's Python wrapper.
+        batch, seq_kv = k.shape[:2]
+        q = q.view(batch, seq_q, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, Hq, Sq, D)
+        k = k.view(batch, seq_kv, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, Skv, D)
+        v = v.view(batch, seq_kv, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # (B, Hkv, Skv, Dv)
         k, v, mask, is_causal = self._all_keys_and_mask(k, v, seq_q, key_padding_mask, attn_mask, is_causal, kv_cache)
 
         dropout_p = cfg.dropout if self.training else 0.0
-        check_arg(
-            dropout_mask is None or dropout_p > 0,
-            "dropout_mask",
-            f"None while dropout is inactive (training={self.training}, dropout={cfg.dropout})",
-            dropout_mask,
-        )
+        if dropout_mask is not None and dropout_p == 0:
+            fail("dropout_mask", f"None while dropout is inactive (training={self.training}, dropout={cfg.dropout})", dropout_mask)
         out, weights = attend(
             q, k, v, mask=mask, causal=is_causal, scale=cfg.softmax_scale, dropout_p=dropout_p,
             dropout_mask=dropout_mask, backend=cfg.backend, need_weights=need_weights,
@@ -208,7 +212,25 @@ class MultiHeadAttention(nn.Module):
         return (out if cfg.batch_first else out.transpose(0, 1)), weights
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """Validate shapes; return whether the inputs are batched."""
+        """Validate shapes; return whether the inputs are batched.
+
+        The checks depend only on the config and the tensors' types, shapes and float-ness, so a
+        layout that passed is remembered and later calls with it skip them (a bad layout is never
+        remembered and always raises). Traced calls run the checks, which tracing folds away.
+        """
+        if type(query) is _TENSOR and type(key) is _TENSOR and type(value) is _TENSOR and not _is_compiling():
+            layout = (self.config, query.shape, key.shape, value.shape, query.is_floating_point(), key.is_floating_point(), value.is_floating_point())
+            batched = _VALID_LAYOUTS.get(layout)
+            if batched is None:
+                batched = self._validate_inputs(query, key, value)
+                if len(_VALID_LAYOUTS) >= _MAX_LAYOUTS:
+                    _VALID_LAYOUTS.clear()
+                _VALID_LAYOUTS[layout] = batched
+            return batched
+        return self._validate_inputs(query, key, value)
+
+    def _validate_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Every check of :meth:`_check_inputs`, raising the user's error; returns whether the inputs are batched."""
         cfg = self.config
         layout = "(B, S, E)" if cfg.batch_first else "(S, B, E)"
         for name, tensor, features in (("query", query, "embed_dim"), ("key", key, "kdim"), ("value", value, "vdim")):
@@ -234,7 +256,7 @@ class MultiHeadAttention(nn.Module):
         """``(B, S, in) -> (B, S, H*D)`` for q, k, v; one matmul when the weight is packed and the inputs are one tensor."""
         sizes = self.config.proj_sizes
         if self.in_proj_weight is not None and self_attention:
-            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(sizes, dim=-1)
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split_with_sizes(sizes, dim=-1)
         if self.in_proj_weight is not None:
             w_q, w_k, w_v = self.in_proj_weight.split(sizes)
         else:

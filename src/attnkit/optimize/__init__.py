@@ -14,7 +14,9 @@ from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.families import FAMILIES, Family, match_family
 from attnkit.optimize.hf_attention import HFAttention
 from attnkit.optimize.report import BackendUse, Check, Latency, OptimizationReport
+from attnkit.optimize.patchify import PatchifyGEMM, is_patchify
 from attnkit.optimize.rewrite import Rewrite, Skip, rewrite_modules
+from attnkit.optimize.select import Candidate, Selection, pick, select_variant
 
 __all__ = [
     # the entry point and its options
@@ -28,6 +30,8 @@ __all__ = [
     "Check",
     "Latency",
     "BackendUse",
+    "Selection",
+    "Candidate",
     # building blocks
     "rewrite_modules",
     "check_equivalence",
@@ -39,4 +43,8 @@ __all__ = [
     "Family",
     "FAMILIES",
     "match_family",
+    "PatchifyGEMM",
+    "is_patchify",
+    "select_variant",
+    "pick",
 ]

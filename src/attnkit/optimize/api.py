@@ -17,6 +17,7 @@ from attnkit.optimize.core import AttentionCore
 from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
 from attnkit.optimize.rewrite import ModuleFilterFn, rewrite_modules
+from attnkit.optimize.select import select_variant
 
 __all__ = ["optimize", "backend_uses", "measure_latency"]
 
@@ -41,6 +42,8 @@ def optimize(
       the ``attnkit.ops`` backend, weights computed only when ``need_weights=True``);
     - transformers BERT, ViT, GPT-2, Llama (GQA, rotary) and T5 (relative bias, cross attention)
       attention -> :class:`HFAttention` (one GEMM for Q/K/V, or K/V in cross attention);
+    - patchify convolutions (``nn.Conv2d`` with stride == kernel size: ViT's patch embedding) ->
+      :class:`PatchifyGEMM` (the image reshaped into patches and one GEMM);
     - anything else is left alone and listed in ``report.skipped``.
 
     Args:
@@ -55,6 +58,8 @@ def optimize(
 
     Returns:
         ``(optimized_model, report)``; ``report.passed`` is False if an equivalence check failed.
+        With ``config.select`` the model is the fastest proven variant (possibly the original,
+        unchanged but for ``dtype``), and ``report.selection`` lists every candidate's latency.
 
     Example::
 
@@ -94,6 +99,10 @@ def optimize(
         optimized = optimized.to(config.dtype)
     if args is not None:
         _record_backends(optimized, args, kwargs, config, report)
+    if config.select and args is not None:
+        return _select(reference, optimized, args, kwargs, config, report), report
+    if config.select:
+        report.notes.append("select needs example inputs: returned the rewritten model untimed")
     if config.compile != "none":
         optimized = torch.compile(optimized, mode=None if config.compile == "default" else config.compile)
         report.compiled = config.compile
@@ -138,6 +147,34 @@ def _use_sdpa_masks(model: nn.Module, report: OptimizationReport) -> None:
             except Exception as error:  # noqa: BLE001 - any refusal only costs speed, never correctness
                 report.notes.append(f"kept attn_implementation {before!r} ({type(error).__name__}: {error})")
         return
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` itself, or a copy cast to ``dtype`` when it has parameters or buffers of another float dtype."""
+    tensors = (*model.parameters(), *model.buffers())
+    if dtype is None or all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> nn.Module:
+    """The fastest of the original and the rewritten model (eager, and compiled if allowed), timed; recorded in ``report``."""
+    a, k = _cast(args, config.dtype), _cast(kwargs, config.dtype)
+    chosen, selection = select_variant(
+        _in_dtype(reference, config.dtype), optimized, lambda module: module(*a, **k), rewrite_passed=report.passed,
+        compile_mode=config.compile, warmup=config.warmup, repeats=config.repeats, device=_device_of(optimized),
+    )  # fmt: skip
+    report.selection = selection
+    report.compiled = config.compile if selection.picked.endswith("compile") else "none"
+    report.notes.append(selection.summary)
+    timed = {c.name: c for c in selection.candidates}
+    if timed["eager"].median_ms is not None and timed[selection.picked].median_ms is not None:
+        dtype = str(config.dtype or next(optimized.parameters()).dtype).removeprefix("torch.")
+        report.latency = Latency(
+            str(_device_of(optimized)), dtype, timed["eager"].median_ms, timed[selection.picked].median_ms,
+            report.compiled != "none", selection.clock,
+        )  # fmt: skip
+    return chosen
 
 
 def _cast(value, dtype):
@@ -216,7 +253,7 @@ def measure_latency(original: nn.Module, optimized: nn.Module, args: tuple, kwar
     """Inference latency of ``original`` (in the target dtype, eager) and ``optimized`` on the same inputs."""
     from attnkit.bench import time_fn
 
-    baseline = copy.deepcopy(original).to(config.dtype) if config.dtype is not None else original
+    baseline = _in_dtype(original, config.dtype)
     baseline.eval()
     optimized.eval()
     a, k = _cast(args, config.dtype), _cast(kwargs, config.dtype)

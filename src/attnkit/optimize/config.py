@@ -45,6 +45,10 @@ class OptimizeConfig:
     """Rewrite ``torch.nn.MultiheadAttention`` into ``attnkit.nn.MultiHeadAttention``."""
     rewrite_hf: bool = True
     """Rewrite the attention of recognised transformers families (BERT, ViT, GPT-2, Llama, T5)."""
+    patchify_gemm: bool = True
+    """Run patchify convolutions (``nn.Conv2d`` with stride == kernel size, no padding, dilation or
+    groups: ViT's patch embedding) as a reshape of the image into patches and one GEMM (exact up to
+    summation order; same parameters and state-dict keys)."""
     hf_masks: str = "keep"
     """``"keep"``: leave the model's ``attn_implementation`` alone. ``"sdpa"``: switch a model built
     with ``"eager"`` to SDPA-style masks (None or bool instead of a dense float mask per call);
@@ -54,6 +58,11 @@ class OptimizeConfig:
     compile: str = "none"
     """``torch.compile`` the optimized model: ``"none"``, ``"default"``, ``"max-autotune-no-cudagraphs"``,
     ``"reduce-overhead"``."""
+    select: bool = False
+    """Time the variants on the example inputs and return the fastest that passed the equivalence
+    checks: the original, the rewritten model and, unless ``compile == "none"``, both compiled with
+    that mode (inference; ``warmup`` + ``repeats`` calls, medians, CUDA events on a GPU). Returns the
+    original (cast to ``dtype``) when nothing beats it; the report lists every candidate and the pick."""
     inplace: bool = False
     """Rewrite the given model itself instead of a deep copy."""
     check: bool = True
@@ -74,7 +83,7 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         check_type(self.backend, str, "backend")
-        for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "inplace", "check", "check_training", "measure"):
+        for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "patchify_gemm", "select", "inplace", "check", "check_training", "measure"):
             check_type(getattr(self, name), bool, name)
         check_arg(self.hf_masks in _HF_MASKS, "hf_masks", f"one of {_HF_MASKS}", self.hf_masks)
         check_arg(self.compile in _COMPILE_MODES, "compile", f"one of {_COMPILE_MODES}", self.compile)
@@ -97,8 +106,10 @@ class OptimizeConfig:
 PRESETS: dict[str, OptimizeConfig] = {
     # Rewrite, check, measure; eager.
     "default": OptimizeConfig(),
-    # bf16 + torch.compile: the "optimize+compile" column of benchmarks/optimize/run.py.
+    # bf16 + torch.compile: the "rewrite+compile" column of benchmarks/optimize/run.py.
     "fast": OptimizeConfig(dtype=torch.bfloat16, compile="default"),
+    # bf16; the fastest of original / rewritten, eager / compiled, timed on the example inputs.
+    "best": OptimizeConfig(dtype=torch.bfloat16, compile="default", select=True),
     # Only rewrite (no copies for checking, no timing): for large models and for scripts.
     "rewrite-only": OptimizeConfig(check=False, measure=False),
 }

@@ -1,9 +1,15 @@
 """`AttentionCore`: the attention of a rewritten module, on the backend ``attnkit.ops`` picks.
 
-The backend is chosen once per call signature (shapes, dtype, mask kind, causal, dropout,
-grad) with ``attnkit.ops.select_backend`` and remembered with its reasons, so the report can say
-which kernel each attention ran and why; later calls of the same signature go straight to the
-backend without re-validating (the module built the tensors, so their layout is known good).
+The backend is chosen per call signature (shapes, dtype, mask kind, causal, dropout, grad)
+with ``attnkit.ops.select_backend``. In eager mode each choice is remembered on the module with
+its reasons, so the report can say which kernel each attention ran and why, and later calls of
+the same signature go straight to the backend without re-validating (the module built the
+tensors, so their layout is known good).
+
+Under ``torch.compile`` the choice is made while tracing, from the same rule table, and the
+memo is neither read nor written: reading it would make the compiled graph guard on its
+contents (and recompile whenever an eager call adds a signature), and adding to it from inside
+the traced code would break the graph. The traced path has no Python-side state at all.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class AttentionCore(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.dropout_p, self.backend = scale, dropout_p, backend
         self.decisions: dict[tuple, BackendDecision] = {}
+        """Eager calls' choices per call signature (what ``optimize``'s report lists)."""
 
     def extra_repr(self) -> str:
         return (
@@ -62,13 +69,17 @@ class AttentionCore(nn.Module):
         dropout_p = self.dropout_p if training else 0.0
         if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
-        mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        mask_grad = torch.is_grad_enabled() and mask is not None and mask.requires_grad
-        key = (q.device.type, q.dtype, *q.shape, k.shape[1], k.shape[2], v.shape[-1], mask_kind, causal, dropout_p, grad, mask_grad)
+        grad = torch.is_grad_enabled()
+        key = (
+            q.device.type, q.dtype, *q.shape, k.shape[1], k.shape[2], v.shape[-1],
+            "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive"), causal, dropout_p,
+            grad and (q.requires_grad or k.requires_grad or v.requires_grad), grad and mask is not None and mask.requires_grad,
+        )  # fmt: skip
+        if torch.compiler.is_compiling():
+            return self._run(self._choose(_spec(key)).backend, q, k, v, mask, causal, dropout_p)
         decision = self.decisions.get(key)
         if decision is None:
-            decision = self._decide(key)
+            decision = self.decisions[key] = self._choose(_spec(key))
         tried = set()
         while True:
             try:
@@ -79,8 +90,8 @@ class AttentionCore(nn.Module):
                 tried.add(decision.backend)
                 # The kernel refused at run time what its static rule allowed: remember, pick the next.
                 record_runtime_rejection(decision.backend, _spec(key), str(error))
-                getattr(select_backend, "cache_clear", lambda: None)()
-                decision = self._decide(key)
+                select_backend.cache_clear()
+                decision = self.decisions[key] = self._choose(_spec(key))
 
     def _run(self, backend: str, q, k, v, mask, causal: bool, dropout_p: float) -> torch.Tensor:
         if backend == "math" and q.dtype in (torch.float16, torch.bfloat16):
@@ -92,37 +103,27 @@ class AttentionCore(nn.Module):
         )
         return out
 
-    @torch.compiler.disable
-    def _decide(self, key: tuple) -> BackendDecision:
-        spec, device, mask_grad = _spec(key), key[0], key[-1]
-        if self.backend == "auto" and mask_grad:
-            # AttentionSpec cannot say "the mask needs a gradient" (T5's learned position bias in
-            # training); of the kernels only mem-efficient SDPA backpropagates into attn_mask.
-            support = backend_support(spec)
-            order = ("efficient", "math") if device == "cuda" else ("math",)
-            chosen = next(name for name in order if support.get(name, "") is None)
-            why = "the additive mask needs a gradient (learned position bias): only efficient/math backpropagate into it"
-            rejected = {n: r or "cannot backpropagate into the mask" for n, r in support.items() if n != chosen}
-            decision = BackendDecision(chosen, why, rejected, spec.to_json())
-        elif self.backend == "auto":
+    def _choose(self, spec: AttentionSpec) -> BackendDecision:
+        """The backend for ``spec`` and why: ``select_backend``'s choice, or the forced backend if it can run it."""
+        if self.backend == "auto":
             choice = select_backend(spec)
-            decision = BackendDecision(choice.chosen, f"auto: {choice.rule}", dict(choice.rejected), spec.to_json())
-        else:
-            support = backend_support(spec)
-            if support.get(self.backend, "unknown backend") is not None:
-                usable = [name for name, why in support.items() if why is None]
-                reason = support.get(self.backend, "unknown backend")
-                raise UnsupportedError(f"backend {self.backend!r} cannot run {spec}: {reason}. Usable here: {', '.join(usable)}.")
-            decision = BackendDecision(self.backend, f"forced: backend={self.backend!r}", {}, spec.to_json())
-        self.decisions[key] = decision
-        return decision
+            return BackendDecision(choice.chosen, f"auto: {choice.rule}", dict(choice.rejected), spec.to_json())
+        reason = get_backend(self.backend).support(spec)
+        if reason is not None:
+            usable = [name for name, why in backend_support(spec).items() if why is None]
+            raise UnsupportedError(f"backend {self.backend!r} cannot run {spec}: {reason}. Usable here: {', '.join(usable)}.")
+        return BackendDecision(self.backend, f"forced: backend={self.backend!r}", {}, spec.to_json())
 
 
 def _spec(key: tuple) -> AttentionSpec:
-    """The ``AttentionSpec`` of a decision key (see ``AttentionCore.forward``)."""
-    device, dtype, batch, heads_q, seq_q, head_dim, heads_kv, seq_kv, head_dim_v, mask, causal, dropout_p, grad, _ = key
+    """The ``AttentionSpec`` of a call key (see ``AttentionCore.forward``).
+
+    ``mask_requires_grad`` (T5's learned position bias in training) steers auto to the kernels
+    that backpropagate into the mask.
+    """
+    device, dtype, batch, heads_q, seq_q, head_dim, heads_kv, seq_kv, head_dim_v, mask, causal, dropout_p, grad, mask_grad = key
     return AttentionSpec(
         batch=batch, heads_q=heads_q, seq_q=seq_q, head_dim=head_dim, heads_kv=heads_kv, seq_kv=seq_kv,
         head_dim_v=head_dim_v, device=device, dtype=dtype, mask=mask, causal=causal, dropout_p=dropout_p,
-        requires_grad=grad,
+        requires_grad=grad, mask_requires_grad=mask_grad,
     )  # fmt: skip

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from attnkit.optimize.rewrite import Rewrite, Skip
+from attnkit.optimize.select import Selection
 
 __all__ = ["Check", "Latency", "BackendUse", "OptimizationReport"]
 
@@ -76,6 +77,8 @@ class OptimizationReport:
     latency: Latency | None = None
     compiled: str = "none"
     """The ``torch.compile`` mode applied to the returned model (``"none"`` = eager)."""
+    selection: Selection | None = None
+    """With ``config.select``: every candidate timed and the one returned."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -133,6 +136,17 @@ class OptimizationReport:
                 f"latency ({lat.device}, {lat.dtype}, {lat.clock}): original {lat.before_ms:.3f} ms -> optimized "
                 f"{lat.after_ms:.3f} ms ({lat.speedup:.2f}x{', torch.compile' if lat.compiled else ', eager'})"
             )
+        if self.selection is not None:
+            table = Table(title=f"select ({self.selection.clock}): {self.selection.summary}", title_justify="left")
+            for column in ("variant", "median ms", "vs eager", "eligible", "note"):
+                table.add_column(column)
+            eager_ms = next((c.median_ms for c in self.selection.candidates if c.name == "eager"), None)
+            for c in self.selection.candidates:
+                ms = "-" if c.median_ms is None else f"{c.median_ms:.3f}"
+                ratio = f"{eager_ms / c.median_ms:.2f}x" if c.median_ms and eager_ms else "-"
+                name = f"[bold]{c.name}[/bold]" if c.name == self.selection.picked else c.name
+                table.add_row(name, ms, ratio, "yes" if c.eligible else "no", c.note)
+            parts.append(table)
         for skip in self.skipped:
             parts.append(f"left alone: {skip.path} ({skip.module_class}): {skip.reason}")
         parts.extend(f"note: {note}" for note in self.notes)

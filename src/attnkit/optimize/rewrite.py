@@ -1,4 +1,4 @@
-"""The module swap: walk a model, rewrite every recognised attention, list what was left alone."""
+"""The module swap: walk a model, rewrite every recognised attention (and patchify convolution), list what was left alone."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from attnkit.nn import from_torch
 from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.families import match_family
 from attnkit.optimize.hf_attention import HFAttention
+from attnkit.optimize.patchify import PatchifyGEMM, is_patchify
 
 __all__ = ["Rewrite", "Skip", "ModuleFilterFn", "rewrite_modules"]
 
 ModuleFilterFn = Callable[[nn.Module, str], bool]
-"""``(module, fqn) -> bool``: whether to rewrite ``module``, found at dotted path ``fqn``."""
+"""``(module, fqn) -> bool``: whether to rewrite ``module`` (an attention or a patchify convolution), found at dotted path ``fqn``."""
 
 _ATTENTION_LIKE = re.compile(r"attn|attention", re.IGNORECASE)
 
@@ -61,7 +62,18 @@ def _convert(module: nn.Module, config: OptimizeConfig) -> tuple[nn.Module | Non
             return None, family.name, "rewrite_hf=False"
         new = HFAttention.from_original(module, family, fuse_qkv=config.fuse_qkv, backend=config.backend)
         return new, family.name, _describe_hf(new)
+    if is_patchify(module):
+        if not config.patchify_gemm:
+            return None, "conv", "patchify_gemm=False"
+        kh, kw = module.kernel_size
+        new = PatchifyGEMM.from_conv(module)
+        detail = f"stride == kernel {kh}x{kw}: patches by reshape + one GEMM ({module.in_channels * kh * kw} -> {module.out_channels})"
+        return new, "conv", detail
     return None, "", "not a recognised attention class (see attnkit.optimize.FAMILIES)"
+
+
+def _rewritable(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or match_family(module) is not None or is_patchify(module)
 
 
 def rewrite_modules(model: nn.Module, config: OptimizeConfig, module_filter_fn: ModuleFilterFn | None = None) -> tuple[nn.Module, list[Rewrite], list[Skip]]:
@@ -73,8 +85,7 @@ def rewrite_modules(model: nn.Module, config: OptimizeConfig, module_filter_fn: 
     def visit(module: nn.Module, path: str) -> nn.Module | None:
         if id(module) in replaced:
             return replaced[id(module)]
-        attention_like = isinstance(module, nn.MultiheadAttention) or match_family(module) is not None
-        if not attention_like:
+        if not _rewritable(module):
             return None
         if module_filter_fn is not None and not module_filter_fn(module, path):
             skips.append(Skip(path, type(module).__name__, "module_filter_fn returned False"))
