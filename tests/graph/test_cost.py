@@ -7,7 +7,7 @@ import torch
 
 from attnkit.errors import InvalidArgumentError
 from attnkit.graph.cost import estimate, kernel_cost, overlap
-from attnkit.graph.hardware import HardwareProfile, list_hardware, load_hardware, parse_dtype
+from attnkit.graph.hardware import DEFAULT_MISALIGNED_FACTOR, HardwareProfile, list_hardware, load_hardware, parse_dtype
 from attnkit.graph.partition import Kernel, Partition, PartitionConfig
 
 H100 = load_hardware("h100")
@@ -156,3 +156,57 @@ def test_profile_validation():
         HardwareProfile.from_json({**H100.to_json(), "kind": "tpu"})
     with pytest.raises(InvalidArgumentError, match="gemm_tflops_by_size.*ascending"):
         HardwareProfile.from_json({**H100.to_json(), "gemm_tflops_by_size": {"bf16": [[10.0, 500.0], [1.0, 100.0]]}})
+
+
+def _planted(**fields):
+    """H100 with a planted two-point GEMM curve (1 and 100 GFLOP) and any field overridden."""
+    return HardwareProfile.from_json({**H100.to_json(), "gemm_tflops_by_size": {"bf16": [[1.0, 400.0], [100.0, 800.0]]},
+                                      **fields}, "planted")
+
+
+def test_small_gemms_clamp_to_the_smallest_point_and_are_bound_by_their_weights():
+    """Below the smallest calibrated GEMM the rate is held, not extrapolated down; a batch-1 GEMM
+    (M = 128, 768 x 3072 bf16 weights, 4.7 MB) then costs its weight read at the copy bandwidth."""
+    profile = _planted()
+    assert profile.gemm_rate(torch.bfloat16, 0.01e9) == pytest.approx(400e12)
+    flops, weights = 2 * 128 * 768 * 3072, 768 * 3072 * 2
+    nbytes = weights + 128 * (768 + 3072) * 2
+    cost = kernel_cost(Kernel("linear", "gemm", ("n",), flops, nbytes, weights, "(top)"), profile, torch.bfloat16)
+    assert cost.bound == "memory" and cost.memory_s == pytest.approx(nbytes / profile.bandwidth)
+    assert cost.time_s < 5e-6
+
+
+@pytest.mark.parametrize("factor", [None, 0.25])
+def test_misaligned_gemms_run_at_the_profile_fraction(factor):
+    profile = _planted(**({"gemm_misaligned_factor": {"bf16": factor}} if factor else {}))
+    expected = factor or DEFAULT_MISALIGNED_FACTOR
+    flops = 2 * 8192 * 768 * 50257
+    aligned = Kernel("linear", "gemm", ("n",), flops, 1, 0, "(top)")
+    odd = Kernel("linear", "gemm", ("n",), flops, 1, 0, "(top)", misaligned=True)
+    slow, fast = (kernel_cost(k, profile, torch.bfloat16).compute_s for k in (odd, aligned))
+    assert slow == pytest.approx(fast / expected)
+
+
+def test_compiled_gemms_are_padded_to_alignment():
+    """Inductor pads a misaligned GEMM's dimensions (shape_padding), so only eager pays the factor."""
+    odd = (Kernel("linear", "gemm", ("n",), int(100e9), 1, 0, "(top)", misaligned=True),)
+    eager, compiled = (estimate(_partition(mode, odd), H100, torch.bfloat16).device_s for mode in ("eager", "compiled"))
+    assert eager > 2 * compiled
+
+
+def test_misaligned_factor_is_checked():
+    with pytest.raises(InvalidArgumentError, match="gemm_misaligned_factor"):
+        _planted(gemm_misaligned_factor={"bf16": 1.5})
+
+
+@pytest.mark.parametrize(("n", "dtype", "misaligned"), [(50257, torch.bfloat16, True), (50264, torch.bfloat16, False),
+                                                          (50260, torch.float32, False), (50260, torch.bfloat16, True)])
+def test_partition_marks_gemms_with_unaligned_rows(n, dtype, misaligned):
+    """Only row lengths matter: 197 tokens (odd M) is fine, N = 50257 (GPT-2's vocabulary) is not."""
+    from attnkit.graph.capture import capture
+    from attnkit.graph.partition import partition
+
+    model = torch.nn.Linear(64, n, bias=False)
+    graph = capture(model, (torch.randn(197, 64),)).graph_module.graph
+    gemms = [k for k in partition(graph, dtype, "eager").kernels if k.category == "gemm"]
+    assert len(gemms) == 1 and gemms[0].misaligned is misaligned

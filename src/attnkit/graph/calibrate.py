@@ -1,10 +1,12 @@
 """Measure a hardware profile on the current CUDA GPU: every number the cost model uses.
 
-Device side (CUDA events, medians):
+Device side (CUDA events, medians, every call queued behind a sleeping kernel so host dispatch is excluded):
 
-* GEMM rate vs size: ``linear`` with bias at transformer shapes (M = 197, 1024, 64*197; K x N =
+* GEMM rate vs size: ``linear`` with bias at transformer shapes (M = 128, 197, 1024, 64*197; K x N =
   768x768, 768x2304, 768x3072, 3072x768) and 8192^3, per 16-bit dtype; fp32/tf32 at large size.
 * Fused SDPA rate vs sequence length at B*H = 64*12, D = 64, S = 128 ... 1024, and at S = 2048.
+* Misaligned GEMM: ``linear`` at M = 8192, K = 768, N = 50257 (rows not a multiple of 16 bytes) vs
+  N = 50264, the rate ratio per 16-bit dtype (``gemm_misaligned_factor``).
 * Convolution rate: a ViT patch embedding (64x3x224x224, 768 filters 16x16 stride 16).
 * Bandwidth of memory-bound kernels per kind (bytes read + written, launch cost subtracted):
   add, GELU, layer norm, softmax, a row sum, a transposing copy, an embedding gather.
@@ -31,21 +33,36 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench import time_fn
 from attnkit.errors import UnsupportedError
 from attnkit.graph.hardware import HardwareProfile, family_profile
 
 __all__ = ["calibrate", "host_ms"]
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_GEMM_M = (197, 1024, 64 * 197)
+_GEMM_M = (128, 197, 1024, 64 * 197)
 _GEMM_KN = ((768, 768), (768, 2304), (768, 3072), (3072, 768))
 _ATTENTION_SEQ = (128, 197, 256, 512, 1024)
 _SLEEP_CYCLES = 100_000_000  # ~50 ms on a 2 GHz GPU: longer than any host loop timed behind it
 
 
-def _ms(fn: Callable[[], object]) -> float:
-    return time_fn(fn, warmup=3, repeats=15, device="cuda").median_ms
+def _ms(fn: Callable[[], object], repeats: int = 15) -> float:
+    """Median device milliseconds of ``fn()``, the host kept out of the measurement.
+
+    A sleeping kernel is queued first, so every call is enqueued before the GPU reaches it and the
+    events around a call bracket only its kernels. Without it a small GEMM (M = 128..197, ~2-5 us on
+    the GPU) times the ~40 us it takes Python to dispatch it, and the size curve reads 5 TFLOP/s.
+    """
+    for _ in range(3):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(_SLEEP_CYCLES)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def _gemm_curve(dtype: torch.dtype) -> list[list[float]]:
@@ -56,6 +73,16 @@ def _gemm_curve(dtype: torch.dtype) -> list[list[float]]:
         flops = 2 * m * k * n
         points.append([round(flops / 1e9, 4), round(flops / (_ms(lambda: F.linear(x, w, b)) * 1e-3) / 1e12, 1)])
     return sorted(points)
+
+
+def _misaligned_factor(dtype: torch.dtype, m: int = 8192, k: int = 768) -> float:
+    """Rate of ``linear`` at N = 50257 (GPT-2's vocabulary, rows not 16-byte aligned) over N = 50264."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    rates = []
+    for n in (50257, 50264):
+        w = torch.randn(n, k, device="cuda", dtype=dtype)
+        rates.append(2 * m * k * n / _ms(lambda: F.linear(x, w), repeats=7))
+    return round(min(1.0, rates[0] / rates[1]), 3)
 
 
 def _matmul_tflops(dtype: torch.dtype, size: int, tf32: bool) -> float:
@@ -198,6 +225,31 @@ def _host_costs() -> dict[str, float]:
             "host_launch_busy_us": busy_us, "compiled_launch_overhead_us": compiled_us}
 
 
+def _reference_host(host: dict[str, float]) -> dict[str, float]:
+    """Host ms of a tiny Hugging Face BERT forward (2 layers, width 32, 1 x 16 tokens, attention mask),
+    measured and predicted from ``host``: how much Python a transformers model runs beyond its ATen ops
+    and module calls (mask preparation, output dataclasses, a ``padding_mask.all()`` device sync in
+    ``create_bidirectional_mask``). Recorded in ``extra``; predictions do not use it yet."""
+    from transformers import BertConfig, BertModel
+
+    from attnkit.graph.capture import capture
+    from attnkit.graph.partition import partition
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        attn_implementation="sdpa")
+    model = BertModel(config).cuda().eval()
+    ids = torch.randint(0, config.vocab_size, (1, 16), device="cuda")
+    kwargs = {"attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        eager = partition(capture(model, (ids,), kwargs).graph_module.graph, torch.float32, "eager")
+        measured = host_ms(lambda: model(ids, **kwargs))
+    launches = len(eager.kernels)
+    predicted = (launches * host["host_launch_idle_us"] + (eager.host_ops - launches) * host["host_view_us"]
+                 + eager.module_calls * host["host_module_us"]) / 1e3
+    return {"bert_tiny_host_ms": round(measured, 3), "bert_tiny_predicted_host_ms": round(predicted, 3),
+            "bert_tiny_launches": launches}
+
+
 def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
     """Measure the current GPU and return a :class:`HardwareProfile` (save it with ``to_json``)."""
     if not torch.cuda.is_available():
@@ -208,7 +260,7 @@ def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
     log("large matmuls (fp32, tf32)")
     rates = {"fp32": round(_matmul_tflops(torch.float32, 4096, False), 1),
              "tf32": round(_matmul_tflops(torch.float32, 8192, True), 1)}
-    curves, attention, by_seq, conv = {}, {}, {}, {}
+    curves, attention, by_seq, conv, misaligned = {}, {}, {}, {}, {}
     for key, dtype in _HALF.items():
         log(f"GEMM rate vs size, SDPA rate vs sequence, patch convolution ({key})")
         curves[key] = _gemm_curve(dtype)
@@ -216,12 +268,17 @@ def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
         by_seq[key] = [[seq, _attention_tflops(dtype, 64, 12, seq)] for seq in _ATTENTION_SEQ]
         attention[key] = _attention_tflops(dtype, 8, 16, 2048)
         conv[key] = _conv_tflops(dtype)
+        misaligned[key] = _misaligned_factor(dtype)
     log("device launch cost, bandwidth per kernel kind")
     launch = round(_device_launch_us(), 2)
     bandwidth = _bandwidths(launch)
     copy = round(_copy_gbs(), 1)
     log("host costs (module call, view, launch idle/busy, compiled launch; compiles a small block)")
     host = {key: round(value, 2) for key, value in _host_costs().items()}
+    try:
+        reference = _reference_host(host)
+    except Exception as error:  # a diagnostic: never cost the calibration
+        reference = {"bert_tiny_error": f"{type(error).__name__}: {error}"[:200]}
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return HardwareProfile(
         key="calibrated", name=device, kind="gpu",
@@ -230,7 +287,8 @@ def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
         peak_bandwidth_gbs=base.peak_bandwidth_gbs, achievable_bandwidth_gbs=copy,
         launch_overhead_us=launch, **host,
         memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
-        gemm_tflops_by_size=curves, attention_tflops_by_seq=by_seq, conv_tflops=conv, bandwidth_gbs_by_kind=bandwidth,
+        gemm_tflops_by_size=curves, gemm_misaligned_factor=misaligned, attention_tflops_by_seq=by_seq, conv_tflops=conv, bandwidth_gbs_by_kind=bandwidth,
         source=f"calibrated on {device}, torch {torch.__version__}, {date}",
-        extra={"measured": sorted({*rates, "attention", "bandwidth", "launch_overhead_us", *host}), "peaks_from": base.key},
+        extra={"measured": sorted({*rates, "attention", "bandwidth", "gemm_misaligned_factor", "launch_overhead_us", *host}), "peaks_from": base.key,
+               **reference},
     )

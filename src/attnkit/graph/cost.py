@@ -2,7 +2,9 @@
 
 Device, per kernel (seconds)::
 
-    compute = flops / rate          rate: GEMMs by size (gemm_tflops_by_size), attention by Skv
+    compute = flops / rate          rate: GEMMs by size (gemm_tflops_by_size, clamped below the
+                                    smallest point; times gemm_misaligned_factor when a leading
+                                    dimension is not a multiple of 16 bytes), attention by Skv
                                     (attention_tflops_by_seq), convolutions (conv_tflops)
     memory  = bytes / bandwidth     bandwidth of the kernel's kind: pointwise, activation, norm,
                                     softmax, reduction, copy, gather (bandwidth_gbs_by_kind)
@@ -98,10 +100,14 @@ def overlap(device_s: float, host_idle_s: float, host_busy_s: float) -> float:
     return max(device_s, host_busy_s + empty * (host_idle_s - host_busy_s))
 
 
-def kernel_cost(kernel: Kernel, hardware: HardwareProfile, dtype: torch.dtype) -> KernelCost:
-    """Roofline time of one kernel at the achievable rates of ``hardware`` for ``dtype``."""
+def kernel_cost(kernel: Kernel, hardware: HardwareProfile, dtype: torch.dtype, *, padded: bool = False) -> KernelCost:
+    """Roofline time of one kernel at the achievable rates of ``hardware`` for ``dtype``.
+
+    ``padded``: misaligned GEMMs run at the aligned rate (inductor pads their dimensions to a multiple
+    of 16 bytes, ``torch._inductor.config.shape_padding``), else at ``gemm_misaligned_factor`` of it.
+    """
     if kernel.category in ("gemm", "qkv-gemm"):
-        rate = hardware.gemm_rate(dtype, kernel.flops)
+        rate = hardware.gemm_rate(dtype, kernel.flops, kernel.misaligned and not padded)
     elif kernel.category == "attention":
         rate = hardware.attention_rate(dtype, kernel.seq_kv)
     elif kernel.category == "conv":
@@ -127,7 +133,8 @@ def host_times(partition: Partition, hardware: HardwareProfile) -> tuple[float, 
 
 def estimate(partition: Partition, hardware: HardwareProfile, dtype: torch.dtype) -> ModeCost:
     """Predicted time of every kernel of ``partition`` and the forward total."""
-    costs = tuple(kernel_cost(k, hardware, dtype) for k in partition.kernels)
+    padded = partition.config.fuse_pointwise  # torch.compile pads misaligned GEMMs
+    costs = tuple(kernel_cost(k, hardware, dtype, padded=padded) for k in partition.kernels)
     idle, busy = host_times(partition, hardware)
     return ModeCost(
         mode=partition.mode,

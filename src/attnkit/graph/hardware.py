@@ -17,7 +17,12 @@ import torch
 
 from attnkit.errors import InvalidArgumentError, check_arg
 
-__all__ = ["HardwareProfile", "load_hardware", "list_hardware", "family_profile", "dtype_key", "parse_dtype"]
+__all__ = ["DEFAULT_MISALIGNED_FACTOR", "HardwareProfile", "load_hardware", "list_hardware", "family_profile", "dtype_key", "parse_dtype"]
+
+DEFAULT_MISALIGNED_FACTOR = 0.3
+"""Rate fraction of a misaligned GEMM when a profile lists none: cuBLAS's non-TMA fallback kernels for
+odd leading dimensions run at roughly a quarter to a third of the aligned rate on Hopper (a prior,
+replaced by calibrate's measurement)."""
 
 _DATA = Path(__file__).with_name("hardware_profiles.json")
 _ALIASES = {"h100": "h100-sxm", "h100-sxm5": "h100-sxm", "a100": "a100-80gb", "generic-cpu": "cpu"}
@@ -89,6 +94,10 @@ class HardwareProfile:
     """Achievable bandwidth of memory-bound kernels per kind (``pointwise``, ``activation``, ``norm``,
     ``softmax``, ``reduction``, ``copy``, ``gather``) measured by bytes read + written; the copy
     bandwidth for kinds not listed."""
+    gemm_misaligned_factor: dict[str, float] = field(default_factory=dict)
+    """Per dtype key, the rate of a GEMM whose leading dimension is not a multiple of 16 bytes (N = 50257)
+    as a fraction of the aligned rate: cuBLAS falls back from its TMA/16-byte-vector tensor-core kernels.
+    Calibrate measures it (M = 8192, K = 768, N = 50257 vs 50264); :data:`DEFAULT_MISALIGNED_FACTOR` if absent."""
     source: str = "datasheet"
     """``"datasheet"`` or where and when a calibration measured it."""
     extra: dict = field(default_factory=dict)
@@ -98,6 +107,8 @@ class HardwareProfile:
         check_arg(self.kind in ("gpu", "cpu"), "kind", '"gpu" or "cpu"', self.kind)
         check_arg(self.achievable_bandwidth_gbs > 0, "achievable_bandwidth_gbs", "a positive number",
                   self.achievable_bandwidth_gbs)
+        for key, factor in self.gemm_misaligned_factor.items():
+            check_arg(0 < factor <= 1, f"gemm_misaligned_factor[{key!r}]", "a fraction in (0, 1]", factor)
         for name in ("gemm_tflops_by_size", "attention_tflops_by_seq"):
             for key, points in getattr(self, name).items():
                 xs = [x for x, _ in points]
@@ -109,10 +120,21 @@ class HardwareProfile:
         rates = self.achievable_tflops
         return 1e12 * rates.get(dtype_key(dtype), rates.get("fp32", min(rates.values())))
 
-    def gemm_rate(self, dtype: torch.dtype, flops: float) -> float:
-        """Achievable rate in FLOP/s of one GEMM of ``flops`` FLOPs (the size curve, else :meth:`matmul_rate`)."""
+    def gemm_rate(self, dtype: torch.dtype, flops: float, misaligned: bool = False) -> float:
+        """Achievable rate in FLOP/s of one GEMM of ``flops`` FLOPs (the size curve, else :meth:`matmul_rate`).
+
+        Below the smallest calibrated GEMM the rate stays at that point's (clamped, never extrapolated
+        down): such GEMMs are bound by reading their weights, which the cost model's byte term covers.
+        ``misaligned`` (a leading dimension not a multiple of 16 bytes) scales the rate by
+        :meth:`misaligned_factor`.
+        """
         curve = self.gemm_tflops_by_size.get(dtype_key(dtype))
-        return 1e12 * _interpolate(curve, flops / 1e9) if curve else self.matmul_rate(dtype)
+        rate = 1e12 * _interpolate(curve, flops / 1e9) if curve else self.matmul_rate(dtype)
+        return rate * self.misaligned_factor(dtype) if misaligned else rate
+
+    def misaligned_factor(self, dtype: torch.dtype) -> float:
+        """Rate fraction of a GEMM with a leading dimension not a multiple of 16 bytes (see the field)."""
+        return self.gemm_misaligned_factor.get(dtype_key(dtype), DEFAULT_MISALIGNED_FACTOR)
 
     def attention_rate(self, dtype: torch.dtype, seq_kv: int | None = None) -> float:
         """Fused-attention rate in FLOP/s for ``dtype`` at ``seq_kv`` keys (the sequence curve when given

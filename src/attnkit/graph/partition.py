@@ -95,6 +95,9 @@ class Kernel:
     """Repeated block holding the kernel's first op, e.g. ``encoder.layer.3``."""
     seq_kv: int = 0
     """Keys per query of an attention kernel (its rate depends on it); 0 for other kernels."""
+    misaligned: bool = False
+    """A GEMM with an operand whose row length (leading dimension, e.g. N = 50257 of a vocabulary
+    projection) is not a multiple of 16 bytes: cuBLAS cannot use its aligned tensor-core kernels."""
 
     @property
     def intensity(self) -> float:
@@ -326,7 +329,17 @@ def _kernel(group: _Group, category: dict, dtype: torch.dtype, free_set: frozens
     anchor = next((n for n in members if category[n] in _ANCHORS), members[0])
     return Kernel("+".join(names[:4]) + ("+..." if len(names) > 4 else ""), label, tuple(n.name for n in members),
                   flops, sum(reads.values()) + written, weights, layer_of(anchor),
-                  _seq_kv(members, category) if label == "attention" else 0)
+                  _seq_kv(members, category) if label == "attention" else 0,
+                  label in ("gemm", "qkv-gemm") and _misaligned(anchor, dtype))
+
+
+def _misaligned(gemm: Node, dtype: torch.dtype) -> bool:
+    """True if a 2-D+ operand or the output of ``gemm`` has a last dimension that is not a multiple of
+    16 bytes (8 elements in 16-bit types, 4 in fp32). Only the last dimension of a row-major tensor is
+    its leading dimension, so an odd M (e.g. 197 tokens) is harmless while N = 50257 is not."""
+    per_row = max(1, 16 // dtype.itemsize)
+    values = [arg.meta.get("val") for arg in gemm.all_input_nodes] + [gemm.meta.get("val")]
+    return any(isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[-1] % per_row != 0 for v in values)
 
 
 def _seq_kv(members: list[Node], category: dict) -> int:
