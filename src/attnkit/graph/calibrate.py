@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -289,6 +290,7 @@ def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
         memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
         gemm_tflops_by_size=curves, gemm_misaligned_factor=misaligned, attention_tflops_by_seq=by_seq, conv_tflops=conv, bandwidth_gbs_by_kind=bandwidth,
         source=f"calibrated on {device}, torch {torch.__version__}, {date}",
-        extra={"measured": sorted({*rates, "attention", "bandwidth", "gemm_misaligned_factor", "launch_overhead_us", *host}), "peaks_from": base.key,
+        extra={"device": device, "torch": torch.__version__, "date": date, "command": " ".join(sys.argv),
+               "measured": sorted({*rates, "attention", "bandwidth", "gemm_misaligned_factor", "launch_overhead_us", *host}), "peaks_from": base.key,
                **reference},
     )
