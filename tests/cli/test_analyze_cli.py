@@ -47,7 +47,7 @@ def test_bad_hardware_is_a_clear_error():
     assert isinstance(result.exception, InvalidArgumentError) and "hardware" in str(result.exception)
 
 
-@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("model, limit_s", [("vit_b_16", 15), ("vit_l_16", 30)])
 def test_cli_wall_time_on_cpu(model, limit_s):
     """The issue's budget for `attnkit analyze MODEL` on CPU, as a subprocess (imports included)."""
