@@ -1,21 +1,38 @@
-PY ?= python3
+# The interpreter: the active virtual environment's, else a project venv `.venv` that `install`
+# creates on first use (Debian's system Python refuses `pip install`: externally-managed-environment).
+# On a machine whose python3 already holds torch (the GPU box): `make test-gpu PY=python3`.
+ifdef VIRTUAL_ENV
+PY ?= $(VIRTUAL_ENV)/bin/python
+else
+PY ?= .venv/bin/python
+endif
+export PY
 MODEL ?= vit_b_16
 
-.PHONY: install run test test-timing test-gpu
+.PHONY: install install-dev run test test-latest test-timing test-gpu
 
+# Runtime needs only (torch, transformers for the zoo, rich, typer, ...).
 install:
-	bash scripts/install.sh
+	bash scripts/install.sh runtime
+
+# Runtime plus the test tools.
+install-dev:
+	bash scripts/install.sh dev
 
 # The main job on a default model.
 run: install
 	$(PY) -m attnkit analyze $(MODEL)
 
 # The CPU test suite (GPU tests skip themselves without CUDA; wall-clock tests run separately).
-test: install
+test: install-dev
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not timing"
 
+# The same suite against the newest release of every dependency but torch, in its own venv.
+test-latest:
+	$(MAKE) test PY=.venv-latest/bin/python UPGRADE=1
+
 # Wall-clock budgets (e.g. `attnkit analyze vit_b_16` under 15 s): run on an idle machine.
-test-timing: install
+test-timing: install-dev
 	$(PY) -m pytest -q -m timing
 
 # On the GPU machine: only the GPU-marked tests.

@@ -79,7 +79,7 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 def generate(case: Case) -> dict[str, torch.Tensor]:
     """Parameters, inputs, masks and float64 reference outputs of ``case``."""
     gen = torch.Generator().manual_seed(case.seed)
-    module = MultiHeadAttention(**case.config, backend="reference", dtype=torch.float64)
+    module = MultiHeadAttention(**case.config, batch_first=True, backend="reference", dtype=torch.float64)
     tensors = {f"param.{name}": torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.4 for name, p in module.named_parameters()}
     seq_kv = case.seq_kv or case.seq_q
     tensors["input.query"] = torch.randn(case.batch, case.seq_q, module.embed_dim, generator=gen, dtype=torch.float64)
@@ -136,7 +136,7 @@ def call_case(module: MultiHeadAttention, case: Case, tensors: dict[str, torch.T
 
 
 def build_module(case: Case, tensors: dict[str, torch.Tensor], backend: str, dtype: torch.dtype) -> MultiHeadAttention:
-    module = MultiHeadAttention(**case.config, backend=backend, dtype=torch.float64)
+    module = MultiHeadAttention(**case.config, batch_first=True, backend=backend, dtype=torch.float64)
     load_parameters(module, tensors)
     return module.to(dtype)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,63 @@ def tiny_bert(batch_size=1, seq_len=None):
     """A 2-layer BERT for the CLI (the user-model form of MODEL)."""
     config = BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
     return BertModel(config).eval(), (torch.randint(0, 99, (batch_size, seq_len or 16)),)
+
+
+def tiny_llama(batch_size=1, seq_len=16):
+    """A 2-layer Llama with GQA; the CLI builds it on the meta device for analysis."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 24)
+    return LlamaForCausalLM(config).eval(), (torch.randint(0, 64, (batch_size, seq_len)),)
+
+
+_MEASURE = (
+    "import resource, sys, time; from attnkit.cli.main import main; sys.argv = ['attnkit', *sys.argv[1:]]; "
+    "start = time.perf_counter()\n"
+    "try: main()\n"
+    "except SystemExit as exit: code = exit.code\n"
+    "else: code = 0\n"
+    "print(f'CODE={code} SECONDS={time.perf_counter() - start:.2f} RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')"
+)
+
+
+def _run_measured(*args: str) -> tuple[int, float, float, str]:
+    """Run `attnkit ARGS` in a fresh interpreter: (exit code, seconds, peak RSS in GB, output)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, env=env, timeout=600)
+    match = re.search(r"CODE=(\S+) SECONDS=(\S+) RSS_KB=(\d+)", done.stdout)
+    assert match, done.stdout + done.stderr
+    return int(match[1]), float(match[2]), int(match[3]) / 1e6, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("seq", [131072, 10_000_000])
+def test_long_sequences_are_analysed_without_data(tmp_path, seq):
+    """Shapes only: a sequence whose masks alone would take terabytes costs what a short one does;
+    an absurd one is analysed as cheaply or refused naming --seq, never allocated."""
+    report = tmp_path / "report.json"
+    code, _, rss_gb, output = _run_measured("analyze", f"{__name__}:tiny_llama", "--seq", str(seq), "--hardware", "cpu",
+                                            "--json", str(report))
+    assert rss_gb < 1.0, f"peak RSS {rss_gb:.2f} GB"
+    if code == 2:  # the CLI's --seq ceiling (cli/_inputs.py MAX_SEQ)
+        assert seq > 131072 and "--seq" in output and "Traceback" not in output
+        return
+    assert code == 0, output
+    data = json.loads(report.read_text())
+    assert data["inputs"] == {"arg0": [1, seq]}
+    sites = data["attention"]
+    assert len(sites) == 2 and all(site["causal"] and site["seq_kv"] == seq for site in sites)
+    # 2 layers x causal attention 2*B*H*S*S*(D+D)/2 with H=4, D=8 dominate
+    assert data["total_flops"] > 2 * 2 * 4 * seq * seq * 16 / 2
+
+
+@pytest.mark.timing
+def test_llama_gqa_at_128k_takes_the_time_of_1k_and_under_1_gb():
+    """The issue's target: `attnkit analyze llama-gqa --seq 131072` in about the time of --seq 1024, under 1 GB."""
+    short = _run_measured("analyze", "llama-gqa", "--seq", "1024", "--hardware", "cpu")
+    long = _run_measured("analyze", "llama-gqa", "--seq", "131072", "--hardware", "cpu")
+    assert short[0] == long[0] == 0, long[3]
+    assert long[1] < 1.5 * short[1] + 2 and long[2] < 1.0
 
 
 def test_analyze_writes_every_format(tmp_path):
@@ -43,7 +101,7 @@ def test_analyze_writes_every_format(tmp_path):
 
 
 def test_bad_hardware_is_a_clear_error():
-    result = CliRunner().invoke(app, ["analyze", f"{__name__}:tiny_bert", "--hardware", "tpu"])
+    result = CliRunner().invoke(app, ["--debug", "analyze", f"{__name__}:tiny_bert", "--hardware", "tpu"])  # --debug: the exception itself
     assert isinstance(result.exception, InvalidArgumentError) and "hardware" in str(result.exception)
 
 

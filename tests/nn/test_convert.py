@@ -8,7 +8,8 @@ from torch import nn
 
 import attnkit.nn.multihead
 from attnkit.errors import UnsupportedError
-from attnkit.nn import MultiHeadAttention, from_torch, swap_attention, to_torch
+from attnkit.nn import MultiHeadAttention, disable_nested_tensor, from_torch, swap_attention, to_torch
+from attnkit.utils import swap_modules
 from mha_reference import randomize_
 
 TORCH_CONFIGS = {
@@ -192,3 +193,52 @@ def test_swap_filter_gets_module_and_fqn_and_eval_encoder(attend_calls):
 def test_swap_root_module_returns_converted():
     root = nn.MultiheadAttention(16, 2)
     assert isinstance(swap_attention(root), MultiHeadAttention)
+
+
+def _encoder_with_padding():
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=48, dropout=0.0, batch_first=True)
+    model = nn.ModuleList([nn.TransformerEncoder(layer, num_layers=2), nn.TransformerEncoder(layer, num_layers=1)]).eval()
+    x = torch.randn(B, 8, 32)
+    padding = torch.zeros(B, 8, dtype=torch.bool)
+    padding[0, -3:] = True  # right padding: torch packs the batch into a nested tensor in eval mode
+    return model, x, padding
+
+
+def _encode(model: nn.ModuleList, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    for encoder in model:
+        x = encoder(x, src_key_padding_mask=padding)
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:The PyTorch API of nested tensors")
+def test_swap_of_a_later_layer_turns_off_nested_tensors(attend_calls):
+    """Only layer 1 swapped: layer 0 still qualifies torch's nested path, which would feed us a nested tensor."""
+    model, x, padding = _encoder_with_padding()
+    with torch.no_grad():
+        expected = _encode(model, x, padding)
+        swap_attention(model, module_filter_fn=lambda module, fqn: fqn == "0.layers.1.self_attn")
+        out = _encode(model, x, padding)
+    assert model[0].use_nested_tensor is False and model[1].use_nested_tensor is True  # torch-only encoder keeps it
+    assert len(attend_calls) == 1
+    real = ~padding[..., None]  # torch's nested path leaves padded positions at 0
+    torch.testing.assert_close(out * real, expected * real, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:The PyTorch API of nested tensors")
+def test_disable_nested_tensor_is_what_makes_a_swap_safe():
+    """Planted fault: the bare swap, without disable_nested_tensor, breaks on the nested path."""
+    model, x, padding = _encoder_with_padding()
+    swap_modules(model, lambda module, fqn: fqn == "0.layers.1.self_attn", lambda module, fqn: from_torch(module))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="NestedTensor"):
+        _encode(model, x, padding)
+    assert disable_nested_tensor(model) == ["0"] and disable_nested_tensor(model) == []
+    with torch.no_grad():
+        assert _encode(model, x, padding).shape == x.shape
+
+
+def test_swap_keeps_shared_attention_shared():
+    shared = nn.MultiheadAttention(16, 2)
+    model = nn.ModuleDict({"a": nn.ModuleList([shared]), "b": nn.ModuleList([shared])})
+    swap_attention(model)
+    assert isinstance(model["a"][0], MultiHeadAttention) and model["a"][0] is model["b"][0]

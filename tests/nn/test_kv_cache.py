@@ -13,7 +13,7 @@ SEQ = 10
 
 
 def build(**overrides) -> MultiHeadAttention:
-    config = dict(embed_dim=32, num_heads=4, num_kv_heads=2, backend="math") | overrides
+    config = dict(embed_dim=32, num_heads=4, num_kv_heads=2, batch_first=True, backend="math") | overrides
     return randomize_(MultiHeadAttention(**config, dtype=torch.float64), seed=1)
 
 
@@ -48,6 +48,7 @@ def test_chunks_equal_whole_sequence(sizes, overrides):
     padding = torch.zeros(3, SEQ, dtype=torch.bool)
     padding[1, :2] = True  # left-padded prompt
     bias = torch.randn(SEQ, SEQ, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bias = bias.masked_fill(torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1), float("-inf"))  # with attn_mask, is_causal is a hint
     whole, _ = module(x, need_weights=False, is_causal=True, key_padding_mask=padding, attn_mask=bias)
     chunked = run_in_chunks(module, x, sizes, key_padding_mask=padding, attn_mask=bias)
     torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-10)

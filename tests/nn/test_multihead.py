@@ -52,6 +52,7 @@ def make_masks(kind: str, heads: int, seq_q: int, seq_kv: int, seed: int) -> dic
 
 
 def build(config: dict, dtype=torch.float64, **overrides) -> MultiHeadAttention:
+    overrides = {"batch_first": True} | overrides
     return randomize_(MultiHeadAttention(**config, **overrides, dtype=torch.float64), seed=1).to(dtype)
 
 
@@ -162,6 +163,6 @@ def test_fully_masked_rows_give_zeros():
 
 
 def test_repr_and_config_roundtrip():
-    module = MultiHeadAttention(20, 2, head_dim=7, v_head_dim=5, kdim=3)
-    assert "v_head_dim=5" in repr(module) and "packed=False" in repr(module)
+    module = MultiHeadAttention(20, 2, kdim=3, head_dim=7, v_head_dim=5)
+    assert "v_head_dim=5" in repr(module) and "packed=False" in repr(module) and "batch_first=False" in repr(module)
     assert MultiHeadAttention.from_config(module.config).config == module.config

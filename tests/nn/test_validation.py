@@ -32,7 +32,7 @@ def test_head_dim_lifts_divisibility():
     assert MultiHeadAttention(10, 3, head_dim=4).in_proj_weight.shape == (36, 10)
 
 
-MODULE = MultiHeadAttention(12, 4, num_kv_heads=2, kdim=6)
+MODULE = MultiHeadAttention(12, 4, kdim=6, batch_first=True, num_kv_heads=2)
 Q, K = torch.randn(2, 5, 12), torch.randn(2, 7, 6)
 V = torch.randn(2, 7, 12)
 

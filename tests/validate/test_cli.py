@@ -24,11 +24,11 @@ def app(monkeypatch):
 
 
 def test_passes_with_exit_0_and_writes_json_and_plots(app, tmp_path):
-    result = CliRunner().invoke(app, ["validate", "tiny", "--quick", "--backends", "math,flash", "--seed", "3", "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")])
+    result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--backends", "math,flash", "--seed", "3", "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["seed"] == 3
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["tiny-float32-accuracy.png", "tiny-float32-latency.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["user.module_tiny-float32-accuracy.png", "user.module_tiny-float32-latency.png"]
 
 
 def test_fails_with_exit_1_when_a_backend_is_wrong(app, monkeypatch):
@@ -38,12 +38,13 @@ def test_fails_with_exit_1_when_a_backend_is_wrong(app, monkeypatch):
         return wrong(q, k, v, scale=scale * 1.5, **options)
 
     monkeypatch.setitem(BACKENDS, "wrong_scale", Backend("wrong_scale", "planted fault", run, lambda spec: None))
-    result = CliRunner().invoke(app, ["validate", "tiny", "--quick", "--backends", "math,wrong_scale"])
+    result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--backends", "math,wrong_scale"])
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "wrong_scale" in result.output
 
 
 def test_usage_errors(app):
-    assert CliRunner().invoke(app, ["validate", "tiny", "--batch", "0"]).exit_code == 2
-    result = CliRunner().invoke(app, ["validate", "tiny", "--quick", "--dtype", "int8"])
-    assert isinstance(result.exception, InvalidArgumentError) and "dtype" in str(result.exception)  # main() maps it to exit 2
+    assert CliRunner().invoke(app, ["validate", "user.module:tiny", "--batch", "0"]).exit_code == 2
+    assert CliRunner().invoke(app, ["validate", "user.module:tiny", "--repeats", "0"]).exit_code == 2
+    result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--dtype", "int8"])
+    assert isinstance(result.exception, InvalidArgumentError) and "dtype" in str(result.exception)  # the attnkit app maps it to exit 2

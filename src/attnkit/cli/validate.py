@@ -1,4 +1,4 @@
-"""`attnkit validate MODEL`: prove a model's attention is correct and fast; exit 1 when accuracy fails."""
+"""`attnkit validate MODEL`: prove a model's attention is correct and fast; exit 1 when accuracy fails or nothing was found."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+
+from attnkit.cli._inputs import check_inputs
 
 
 def register(app: typer.Typer) -> None:
@@ -24,13 +26,18 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the accuracy inputs (default: fresh each run)."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to test (default: all but reference)."),
+        repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed calls per measurement (default: the preset's)."),
     ) -> None:
-        """Check backends, accuracy (fwd + grads vs float64), speed, compile and AMP; exit 1 if accuracy fails."""
+        """Check backends, accuracy (fwd + grads vs float64), speed, compile and AMP; exit 1 if accuracy
+        fails or no attention was found to validate."""
         from attnkit.validate import ValidateConfig, render, save_plots, validate
 
+        check_inputs(models=model, batch=batch, seq=seq, device=device, backends=backends,
+                     outputs={"--json": json_path}, output_dirs={"--plots": plots})
         console = Console(stderr=True)
         names = tuple(name.strip() for name in backends.split(",")) if backends else None
-        config = ValidateConfig.preset("quick" if quick else "default", seed=seed, backends=names)
+        overrides = {"repeats": repeats} if repeats is not None else {}
+        config = ValidateConfig.preset("quick" if quick else "default", seed=seed, backends=names, **overrides)
         with console.status("validating") as status:
             report = validate(model, dtype=dtype, batch_size=batch, seq_len=seq, device=device, config=config, progress=status.update)
         render(report, Console())

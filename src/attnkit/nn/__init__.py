@@ -8,6 +8,7 @@ from attnkit.nn.config import MultiHeadAttentionConfig
 from attnkit.nn.convert import from_torch, swap_attention, to_torch
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.multihead import MultiHeadAttention
+from attnkit.nn.nested import disable_nested_tensor
 
 __all__ = [
     # layers
@@ -19,4 +20,5 @@ __all__ = [
     "from_torch",
     "to_torch",
     "swap_attention",
+    "disable_nested_tensor",
 ]

@@ -52,6 +52,21 @@ def _weights_then_output(
     return out.flatten(1, 2), weights
 
 
+def _empty_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention when ``B``, ``Sq`` or ``Skv`` is 0, which the op rejects and ``nn.MultiheadAttention`` accepts.
+
+    Plain matmuls give the empty result, or zeros when only ``Skv`` is 0 (no key to attend: the
+    op's empty-row rule, and what torch gives), still connected to q, k and v for autograd. Masks
+    and dropout have nothing to act on.
+    """
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, Skv, D|Dv)
+    weights = (q @ k.transpose(-1, -2)).softmax(dim=-1)  # (B, Hq, Sq, Skv), empty
+    return weights @ v, weights if need_weights else None
+
+
 def _attend_once(q, k, v, *, need_weights: bool, backend: str, **options):
     if need_weights:
         return _weights_then_output(q, k, v, backend=backend, **options)
@@ -79,6 +94,8 @@ def attend(
     post-dropout weights ``(B, Hq, Sq, Skv)`` (else None).
     """
     seq_q, seq_kv = q.shape[2], k.shape[2]
+    if q.numel() == 0 or seq_kv == 0:
+        return _empty_attention(q, k, v, need_weights)
     options = dict(causal=causal, scale=scale, dropout_p=dropout_p, backend=backend, need_weights=need_weights)
     if query_chunk_size is None or query_chunk_size >= seq_q:
         return _attend_once(q, k, v, mask=mask, dropout_mask=dropout_mask, **options)

@@ -6,7 +6,7 @@ from ``embed_dim // num_heads``, ``num_kv_heads`` from ``num_heads``, ...).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from attnkit.errors import check_arg
 from attnkit.ops import BACKENDS
@@ -18,6 +18,9 @@ __all__ = ["MultiHeadAttentionConfig"]
 class MultiHeadAttentionConfig:
     """Hyper-parameters of :class:`attnkit.nn.MultiHeadAttention`.
 
+    The first nine fields are ``nn.MultiheadAttention``'s constructor arguments, in its order and
+    with its defaults; attnkit's extras are keyword-only.
+
     Projections: ``q = query @ Wq (E -> Hq*D)``, ``k = key @ Wk (kdim -> Hkv*D)``,
     ``v = value @ Wv (vdim -> Hkv*Dv)``, ``out = attn @ Wo (Hq*Dv -> E)``.
     """
@@ -26,26 +29,27 @@ class MultiHeadAttentionConfig:
     """E: feature size of the query and of the output."""
     num_heads: int
     """Hq: query heads."""
-    num_kv_heads: int | None = None
-    """Hkv: key/value heads, a divisor of ``num_heads`` (GQA; 1 = MQA). Defaults to ``num_heads``."""
-    kdim: int | None = None
-    """Feature size of ``key``. Defaults to ``embed_dim``."""
-    vdim: int | None = None
-    """Feature size of ``value``. Defaults to ``embed_dim``."""
-    head_dim: int | None = None
-    """D: query/key head size. Defaults to ``embed_dim // num_heads`` (must divide)."""
-    v_head_dim: int | None = None
-    """Dv: value head size. Defaults to ``head_dim``."""
+    dropout: float = 0.0
+    """Dropout probability on the attention weights, in training mode only."""
     bias: bool = True
     """Biases on the input and output projections."""
     add_bias_kv: bool = False
     """Append one learned key and value to every sequence (as ``nn.MultiheadAttention``)."""
     add_zero_attn: bool = False
     """Append one all-zero key and value to every sequence (as ``nn.MultiheadAttention``)."""
-    dropout: float = 0.0
-    """Dropout probability on the attention weights, in training mode only."""
-    batch_first: bool = True
-    """Inputs are ``(B, S, E)`` when True, ``(S, B, E)`` when False."""
+    kdim: int | None = None
+    """Feature size of ``key``. Defaults to ``embed_dim``."""
+    vdim: int | None = None
+    """Feature size of ``value``. Defaults to ``embed_dim``."""
+    batch_first: bool = False
+    """Inputs are ``(B, S, E)`` when True, ``(S, B, E)`` when False (torch's default)."""
+    _: KW_ONLY
+    num_kv_heads: int | None = None
+    """Hkv: key/value heads, a divisor of ``num_heads`` (GQA; 1 = MQA). Defaults to ``num_heads``."""
+    head_dim: int | None = None
+    """D: query/key head size. Defaults to ``embed_dim // num_heads`` (must divide)."""
+    v_head_dim: int | None = None
+    """Dv: value head size. Defaults to ``head_dim``."""
     scale: float | None = None
     """Softmax scale. Defaults to ``1 / sqrt(head_dim)``."""
     backend: str = "auto"

@@ -6,17 +6,14 @@ built before the swap and ``state_dict`` keys all keep working.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 
 from attnkit.errors import UnsupportedError, check_type
 from attnkit.nn.multihead import MultiHeadAttention
+from attnkit.nn.nested import disable_nested_tensor
+from attnkit.utils import ModuleFilterFn, swap_modules
 
 __all__ = ["from_torch", "to_torch", "swap_attention"]
-
-ModuleFilterFn = Callable[[nn.Module, str], bool]
-"""``(module, fqn) -> bool``: whether to convert ``module``, found at dotted path ``fqn``."""
 
 
 def _share_parameters(source: nn.Module, target: nn.Module) -> None:
@@ -119,10 +116,10 @@ def swap_attention(
     Returns:
         ``model`` (or the converted module when ``model`` itself is an ``nn.MultiheadAttention``).
 
-    ``nn.TransformerEncoder`` instances get ``use_nested_tensor = False``: their eval-mode
-    nested-tensor path would hand nested tensors to the attention, which only torch's fused
-    kernel accepts. Parameters are shared, but hooks registered on the replaced modules are not
-    carried over.
+    Built on :func:`attnkit.utils.swap_modules` (shared modules stay shared), then
+    :func:`disable_nested_tensor`: an eval-mode ``nn.TransformerEncoder`` would otherwise hand
+    nested tensors to the new attention, which only torch's fused kernel accepts. Parameters are
+    shared, but hooks registered on the replaced modules are not carried over.
 
     Example::
 
@@ -133,19 +130,6 @@ def swap_attention(
     def wanted(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.MultiheadAttention) and (module_filter_fn is None or module_filter_fn(module, fqn))
 
-    if wanted(model, ""):
-        return from_torch(model, backend=backend)
-    converted: dict[int, MultiHeadAttention] = {}  # a module shared by several parents stays shared
-    for parent_fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            fqn = f"{parent_fqn}.{name}" if parent_fqn else name
-            if wanted(child, fqn):
-                if id(child) not in converted:
-                    converted[id(child)] = from_torch(child, backend=backend)
-                setattr(parent, name, converted[id(child)])
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and any(
-            isinstance(getattr(layer, "self_attn", None), MultiHeadAttention) for layer in module.layers
-        ):
-            module.use_nested_tensor = False
+    model = swap_modules(model, wanted, lambda module, fqn: from_torch(module, backend=backend))
+    disable_nested_tensor(model)
     return model

@@ -11,15 +11,24 @@ float masks           added to the scores          added to the scores (unchange
 ====================  ===========================  ======================================
 
 Results are broadcastable to ``(B, Hq, Sq, Skv)`` and never expanded.
+
+``is_causal`` follows torch's rule too (:func:`causal_rule`): with an ``attn_mask`` it is only a
+hint that the mask is causal.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
 from attnkit.errors import check_arg, check_type, fail
 
-__all__ = ["attn_mask_to_ops", "key_padding_to_keep", "combine_masks", "append_allowed_keys"]
+__all__ = ["CausalRule", "causal_rule", "attn_mask_to_ops", "key_padding_to_keep", "combine_masks", "append_allowed_keys"]
+
+CausalRule = Literal["none", "bottom-right", "top-left"]
+"""Which causal pattern a call gets: none, the op's (query ``i`` sees key ``j <= i + Skv - Sq``), or
+SDPA's (``j <= i``, counted over every key including the ``add_bias_kv``/``add_zero_attn`` ones)."""
 
 
 def _check_mask_dtype(mask: torch.Tensor, name: str) -> None:
@@ -30,6 +39,35 @@ def _check_mask_dtype(mask: torch.Tensor, name: str) -> None:
         "a bool (True = masked out) or floating (additive) tensor",
         mask,
     )
+
+
+def causal_rule(
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    *,
+    key_padding_mask: torch.Tensor | None,
+    need_weights: bool,
+    cached: bool,
+) -> tuple[torch.Tensor | None, CausalRule]:
+    """``nn.MultiheadAttention``'s ``is_causal`` rule -> ``(attn_mask still to apply, causal pattern)``.
+
+    * no ``is_causal``: the mask alone;
+    * ``is_causal`` with ``attn_mask``: a hint that the mask is causal. Like torch's
+      ``multi_head_attention_forward``, the mask is used as given when ``key_padding_mask`` or
+      ``need_weights`` is set (or, attnkit only, with a KV cache); otherwise torch drops it unread
+      and runs SDPA's top-left causal mask, and so does this (one result for a correct hint,
+      torch's result for a wrong one, and the causal kernel when the shape is square);
+    * ``is_causal`` alone: torch raises; attnkit applies its bottom-right causal mask, which is
+      what a KV cache needs (new queries are the last ``Sq`` positions).
+    """
+    if not is_causal:
+        return attn_mask, "none"
+    if attn_mask is None:
+        return None, "bottom-right"
+    _check_mask_dtype(attn_mask, "attn_mask")
+    if key_padding_mask is None and not need_weights and not cached:
+        return None, "top-left"
+    return attn_mask, "none"
 
 
 def attn_mask_to_ops(

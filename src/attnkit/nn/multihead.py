@@ -14,7 +14,7 @@ from attnkit.errors import check_arg, check_type, fail
 from attnkit.nn.attend import attend
 from attnkit.nn.config import MultiHeadAttentionConfig
 from attnkit.nn.kv_cache import KVCache
-from attnkit.nn.masks import append_allowed_keys, attn_mask_to_ops, combine_masks, key_padding_to_keep
+from attnkit.nn.masks import CausalRule, append_allowed_keys, attn_mask_to_ops, causal_rule, combine_masks, key_padding_to_keep
 from attnkit.ops import causal_mask
 
 __all__ = ["MultiHeadAttention"]
@@ -47,13 +47,16 @@ class MultiHeadAttention(nn.Module):
     (:mod:`attnkit.nn.masks` translates them once to the ops convention, True = may attend).
     ``need_weights`` defaults to True as in torch; pass False for the fast path.
 
-    Args: see :class:`MultiHeadAttentionConfig` for every hyper-parameter; ``device``/``dtype``
-    place the parameters.
+    Args: torch's constructor arguments in torch's order with torch's defaults (``batch_first=False``,
+    so ``MultiHeadAttention(16, 4, 0.1)`` works), then attnkit's extras, keyword-only; see
+    :class:`MultiHeadAttentionConfig` for each. ``device``/``dtype`` place the parameters.
+    ``is_causal`` follows torch's rule (with ``attn_mask`` it is a hint); alone, where torch raises,
+    it is a bottom-right causal mask. Empty batches and sequences work as in torch.
 
     Example::
 
-        mha = MultiHeadAttention(512, 8, num_kv_heads=2)
-        out, _ = mha(x, need_weights=False, is_causal=True)           # self-attention, (B, S, 512)
+        mha = MultiHeadAttention(512, 8, batch_first=True, num_kv_heads=2)
+        out, _ = mha(x, need_weights=False, is_causal=True)           # causal self-attention, (B, S, 512)
         out, w = mha(x, memory, memory, key_padding_mask=pad)          # cross-attention + weights
     """
 
@@ -76,29 +79,28 @@ class MultiHeadAttention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
-        *,
-        num_kv_heads: int | None = None,
-        kdim: int | None = None,
-        vdim: int | None = None,
-        head_dim: int | None = None,
-        v_head_dim: int | None = None,
+        dropout: float = 0.0,
         bias: bool = True,
         add_bias_kv: bool = False,
         add_zero_attn: bool = False,
-        dropout: float = 0.0,
-        batch_first: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        v_head_dim: int | None = None,
         scale: float | None = None,
         backend: str = "auto",
         query_chunk_size: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg = MultiHeadAttentionConfig(
-            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
-            head_dim=head_dim, v_head_dim=v_head_dim, bias=bias, add_bias_kv=add_bias_kv,
-            add_zero_attn=add_zero_attn, dropout=dropout, batch_first=batch_first, scale=scale,
-            backend=backend, query_chunk_size=query_chunk_size,
+            embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, scale=scale, backend=backend,
+            query_chunk_size=query_chunk_size,
         )  # fmt: skip
         factory = {"device": device, "dtype": dtype}
         size_q, size_k, size_v = cfg.proj_sizes
@@ -163,9 +165,10 @@ class MultiHeadAttention(nn.Module):
                 ``(B, num_heads, Sq, Skv)``; bool True = may NOT attend (torch convention), or float
                 added to the scores. ``Skv`` counts cached keys, not the ``add_bias_kv``/``add_zero_attn`` ones.
             average_attn_weights: average the returned weights over heads.
-            is_causal: apply a causal mask, bottom-right aligned (query ``i`` sees key ``j`` iff
-                ``j <= i + Skv - Sq``), so new queries see the whole cache. Unlike torch, where it is
-                only a hint that ``attn_mask`` is causal, it works on its own; with ``attn_mask`` both apply.
+            is_causal: with ``attn_mask``, torch's hint that the mask is causal: the mask decides,
+                exactly as in torch (see :func:`attnkit.nn.masks.causal_rule`). Without
+                ``attn_mask`` (where torch raises) a causal mask, bottom-right aligned (query ``i``
+                sees key ``j`` iff ``j <= i + Skv - Sq``), so new queries see the whole cache.
             kv_cache: append this call's keys and values to the cache and attend over all of them.
             dropout_mask: bool, broadcastable to ``(B, num_heads, Sq, Skv_total)``, True = keep; fixes
                 the dropout pattern (only while dropout is active: training mode and ``dropout > 0``).
@@ -194,7 +197,10 @@ class MultiHeadAttention(nn.Module):
         q = q.view(batch, seq_q, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, Hq, Sq, D)
         k = k.view(batch, seq_kv, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, Skv, D)
         v = v.view(batch, seq_kv, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # (B, Hkv, Skv, Dv)
-        k, v, mask, is_causal = self._all_keys_and_mask(k, v, seq_q, key_padding_mask, attn_mask, is_causal, kv_cache)
+        attn_mask, causal = causal_rule(
+            attn_mask, is_causal, key_padding_mask=key_padding_mask, need_weights=need_weights, cached=kv_cache is not None
+        )
+        k, v, mask, is_causal = self._all_keys_and_mask(k, v, seq_q, key_padding_mask, attn_mask, causal, kv_cache)
 
         dropout_p = cfg.dropout if self.training else 0.0
         if dropout_mask is not None and dropout_p == 0:
@@ -271,10 +277,10 @@ class MultiHeadAttention(nn.Module):
         seq_q: int,
         key_padding_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
-        causal: bool,
+        causal: CausalRule,
         kv_cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-        """Cached + new + extra keys/values and one mask in the ops convention, plus whether ``causal`` still applies."""
+        """Cached + new + extra keys/values and one mask in the ops convention, plus whether the op's causal flag applies."""
         batch = k.shape[0]
         keep = key_padding_to_keep(key_padding_mask, batch=batch, seq_kv=k.shape[2])  # (B, Skv), True = attend
         if kv_cache is not None:
@@ -285,7 +291,13 @@ class MultiHeadAttention(nn.Module):
             k, v, keep = kv_cache.update(k, v, keep)
         mask = attn_mask_to_ops(attn_mask, batch=batch, num_heads=self.config.num_heads, seq_q=seq_q, seq_kv=k.shape[2])
         mask = combine_masks(mask, None if keep is None else keep[:, None, None, :], k.dtype)
-        return self._append_extra_keys(k, v, mask, causal, seq_q)
+        k, v, mask, bottom_right = self._append_extra_keys(k, v, mask, causal == "bottom-right", seq_q)
+        if causal != "top-left":
+            return k, v, mask, bottom_right
+        # SDPA's causal rule over every key (torch's is_causal fast path); no other mask is left here.
+        if seq_q == k.shape[2]:
+            return k, v, None, True  # square: top-left is the op's bottom-right, and its causal kernels run
+        return k, v, causal_mask(seq_q, k.shape[2], device=k.device, offset=0), False
 
     def _append_extra_keys(
         self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, seq_q: int

@@ -56,11 +56,27 @@ def _load_model(model_or_name: Any, example_inputs, example_kwargs, dtype, devic
     return type(model_or_name).__name__, model_or_name.eval().to(device), inputs, dict(example_kwargs or {})
 
 
+def _accepts_sdpa(model: nn.Module) -> bool:
+    """Whether transformers lets this model class run ``attn_implementation='sdpa'`` (asked, not set)."""
+    ask = getattr(model, "get_correct_attn_implementation", None)
+    if ask is None:  # transformers releases without the query
+        return bool(getattr(model, "_supports_sdpa", False))
+    try:
+        return ask("sdpa", is_init_check=True) == "sdpa"
+    except (ValueError, ImportError):
+        return False
+
+
 def _model_notes(model: nn.Module, layers) -> list[str]:
     notes = []
     attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if attn_impl == "eager":
+    if attn_impl == "eager" and _accepts_sdpa(model):
         notes.append("The transformers model runs attn_implementation='eager' (matmul + softmax): load it with attn_implementation='sdpa' so fused kernels can run.")
+    elif attn_impl == "eager":
+        import transformers
+
+        notes.append(f"The transformers model runs attn_implementation='eager' (matmul + softmax), the only implementation {type(model).__name__} "
+                     f"offers in transformers {transformers.__version__}: no fused kernel can run its attention as written.")
     if not layers:
         notes.append("No attention layer found: the model makes no F.scaled_dot_product_attention call, has no nn.MultiheadAttention, and graph capture found none.")
     return notes
@@ -132,7 +148,8 @@ def validate(
         progress: called with a short line before each long step (the CLI shows it).
 
     Returns:
-        A :class:`ValidationReport`; ``report.passed`` is False when any backend failed accuracy.
+        A :class:`ValidationReport`; ``report.passed`` is False when any backend failed accuracy or
+        no attention was found (``report.verdict`` says which).
 
     Example::
 
@@ -168,6 +185,7 @@ def validate(
     progress("compatibility: finding attention layers")
     layers = find_layers(model, inputs, kwargs)
     report.model_notes = _model_notes(model, layers)
+    report.attention_calls = sum(len(layer.names) for layer in layers)
     if "compatibility" in config.stages:
         report.environment = environment(device, dtype)
         report.layers = layer_support(layers, tuple(n for n in backends if isinstance(backends[n], str)))
@@ -177,7 +195,7 @@ def validate(
         if stage not in config.stages:
             report.skipped[stage] = "not in config.stages"
             continue
-        if not layers and stage != "compile_amp":
+        if not layers:
             report.skipped[stage] = "no attention layer found"
             continue
         progress(f"{stage}: running")

@@ -81,9 +81,10 @@ def _peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None
 
 
 def _default_sdpa(q, k, v, *, mask, causal, scale, **_):
-    """The call as the layer makes it today: unforced SDPA (SDPA's causal is top-left)."""
+    """The call as the layer makes it today: unforced SDPA. The spec's causal is attnkit's bottom-right
+    rule; SDPA's ``is_causal`` is top-left, so with ``Sq != Skv`` it goes in as an explicit mask."""
     if causal and q.shape[2] != k.shape[2]:
-        mask, causal = merged_mask(mask, True, q.shape[2], k.shape[2], q.dtype), False
+        mask, causal = merged_mask(mask, True, q.shape[2], k.shape[2], dtype=q.dtype, device=q.device), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attnkit.ops import BACKENDS
 from attnkit.validate.accuracy import AccuracyResult
 from attnkit.validate.compatibility import LayerSupport
 from attnkit.validate.compile_amp import CompileAmpResult
@@ -12,6 +13,7 @@ from attnkit.validate.performance import DEFAULT, PerfResult
 __all__ = ["Recommendation", "recommend"]
 
 _MIN_SPEEDUP = 1.1  # below this, a switch is not worth recommending
+_SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 
 
 @dataclass
@@ -71,6 +73,16 @@ def _blocked(layers: list[LayerSupport], speedups: dict[str, tuple[float, PerfRe
     return recs
 
 
+def _how_to_run(backend: str) -> str:
+    """Only ways that exist for ``backend``: ``sdpa_kernel`` knows PyTorch's fused SDPA kernels, not flex or chunked."""
+    if backend not in BACKENDS:  # a custom callable under test
+        return f"use your {backend!r} kernel"
+    how = f"force it with attnkit.ops.attention(..., backend={backend!r})"
+    if backend in _SDPA_KERNELS:
+        how += f" or torch.nn.attention.sdpa_kernel(SDPBackend.{_SDPA_KERNELS[backend]})"
+    return how
+
+
 def _layer_speed(speedups: dict[str, tuple[float, PerfResult, PerfResult]]) -> list[Recommendation]:
     """One line per backend that is the fastest accurate choice at some shapes."""
     wins: dict[str, list[tuple[float, PerfResult, PerfResult]]] = {}
@@ -84,7 +96,7 @@ def _layer_speed(speedups: dict[str, tuple[float, PerfResult, PerfResult]]) -> l
         recs.append(Recommendation(
             f"Backend {backend!r} passed accuracy and is the fastest at {len(found)} of {len(speedups)} timed shapes, "
             f"{low:.2f}-{high:.2f}x faster than the default ({best.median_ms:.3g} vs {default.median_ms:.3g} ms at {best.case}); "
-            f"force it with attnkit.ops.attention(..., backend={backend!r}) or torch.nn.attention.sdpa_kernel.",
+            f"{_how_to_run(backend)}.",
             "speed",
             {"backend": backend, "shapes": [w[1].case for w in found], "speedups": [w[0] for w in found]},
         ))  # fmt: skip

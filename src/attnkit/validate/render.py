@@ -77,6 +77,8 @@ def _tables(report: ValidationReport, detail: bool = False) -> list[tuple[str, l
 
 
 def _verdict(report: ValidationReport) -> str:
+    if not report.found_attention:
+        return f"NO ATTENTION: no attention found to validate in {report.model}; nothing was checked ({report.seconds:.1f} s)"
     if report.passed:
         return f"PASS: every tested backend is within tolerance ({report.seconds:.1f} s)"
     return f"FAIL: {len(report.failures)} accuracy failure(s) ({report.seconds:.1f} s)"

@@ -47,20 +47,33 @@ class ValidationReport:
     recommendations: list[Recommendation] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     """Stages not run, with the reason."""
+    attention_calls: int | None = None
+    """Attention calls found in one forward (0: nothing to validate); None in reports written before it was counted."""
 
     @property
     def failures(self) -> list[AccuracyResult]:
         return [r for r in self.accuracy if r.status == "fail"]
 
     @property
+    def found_attention(self) -> bool:
+        """False when the run found no attention, so nothing was validated."""
+        return self.attention_calls != 0
+
+    @property
     def passed(self) -> bool:
-        """True when no backend failed accuracy (layer calls or the whole model's output)."""
-        return not self.failures
+        """True when attention was found and no backend failed accuracy (layer calls or the whole model's output)."""
+        return self.found_attention and not self.failures
+
+    @property
+    def verdict(self) -> str:
+        """``PASS``, ``FAIL (n failures)`` or ``NO ATTENTION``."""
+        if not self.found_attention:
+            return "NO ATTENTION"
+        return "PASS" if self.passed else f"FAIL ({len(self.failures)} failures)"
 
     def __repr__(self) -> str:
-        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} failures)"
         return (
-            f"ValidationReport(model={self.model!r}, dtype={self.dtype}, device={self.device}, {verdict}, "
+            f"ValidationReport(model={self.model!r}, dtype={self.dtype}, device={self.device}, {self.verdict}, "
             f"layers={sum(len(g.layer.names) for g in self.layers)}, accuracy={len(self.accuracy)}, "
             f"performance={len(self.performance)}, seconds={self.seconds:.1f})"
         )
