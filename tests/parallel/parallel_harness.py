@@ -1,0 +1,225 @@
+"""Run context-parallel attention on spawned gloo ranks and compare it with a float64 reference.
+
+``spawn`` starts one process per rank, gives the group a 60 s timeout and kills every rank when the
+whole run passes its deadline, so a failing or hanging rank fails the test instead of hanging it.
+``run_cases`` (the rank's body) builds each case's seeded global inputs, shards them with the
+layout helpers, runs forward and backward, and returns the shards; ``errors`` joins them with
+``layout.unshard`` and measures them against ``reference`` and against the single-process kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from functools import cache
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from attnkit.ops.kernels import backward_from_lse, forward_with_lse
+from torch.distributed.device_mesh import init_device_mesh
+
+from attnkit.parallel import allgather_attention, hybrid_attention, ring_attention, ulysses_attention
+from attnkit.parallel.layout import shard, shard_hybrid, unshard, unshard_hybrid
+
+METHODS = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention, "hybrid": hybrid_attention}
+TENSORS = ("out", "lse", "dq", "dk", "dv")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One context-parallel call on a seeded global input ``(B, H, S, D)``."""
+
+    method: str = "ring"
+    layout: str = "zigzag"
+    causal: bool = True
+    dtype: torch.dtype = torch.float64
+    batch: int = 1
+    heads: int = 4
+    heads_kv: int = 4
+    seq: int = 48
+    """Global sequence length (a multiple of 2W for zigzag)."""
+    dim: int = 8
+    dim_v: int | None = None
+    mesh: tuple[int, int] | None = None
+    """``(ring, ulysses)`` sizes for ``method="hybrid"``."""
+    fault: str | None = None
+    """A planted bug (see ``_planted``) that the comparison must catch."""
+    seed: int = 0
+
+    def name(self) -> str:
+        parts = [self.method + (f"{self.mesh[0]}x{self.mesh[1]}" if self.mesh else ""), self.layout, "causal" if self.causal else "full", str(self.dtype).removeprefix("torch.")]
+        parts += [f"B{self.batch}", f"H{self.heads}kv{self.heads_kv}", f"S{self.seq}", f"D{self.dim}"]
+        parts += ([f"Dv{self.dim_v}"] if self.dim_v else []) + ([f"fault={self.fault}"] if self.fault else [])
+        return "-".join(parts)
+
+    def shard(self, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of the sequence ``x`` (B, H, S, ...) in this case's layout."""
+        if self.mesh is None:
+            return shard(x, rank, world_size, layout=self.layout)
+        ring, ulysses = self.mesh
+        return shard_hybrid(x, rank // ulysses, ring, rank % ulysses, ulysses, layout=self.layout)
+
+    def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        return unshard(shards, layout=self.layout) if self.mesh is None else unshard_hybrid(shards, self.mesh[0], layout=self.layout)
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Global float64 inputs and output gradients (the same on every rank and world size: one seed)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        seq, dim_v = self.seq, self.dim_v or self.dim
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+        return {
+            "q": randn(self.batch, self.heads, seq, self.dim),
+            "k": randn(self.batch, self.heads_kv, seq, self.dim),
+            "v": randn(self.batch, self.heads_kv, seq, dim_v),
+            "grad_out": randn(self.batch, self.heads, seq, dim_v),
+            "grad_lse": randn(self.batch, self.heads, seq),
+        }
+
+
+# ---------------------------------------------------------------- spawning ranks
+
+
+
+def spawn(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+
+    Fails the test (after killing every rank) when the ranks are not done within ``timeout`` s.
+    """
+    # Forked ranks start in well under a second (torch and attnkit are already imported); a process
+    # that has initialized CUDA cannot fork safely, so it spawns (seconds per rank) instead.
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    with tempfile.TemporaryDirectory() as folder:
+        context = mp.start_processes(_rank_main, args=(world_size, folder, fn, args), nprocs=world_size, join=False, start_method=method)
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{world_size} ranks did not finish within {timeout:.0f} s; killed them")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
+        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]
+
+
+def _rank_main(rank: int, world_size: int, folder: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- a rank's work
+
+
+def run_cases(rank: int, world_size: int, cases: list[Case]) -> list[dict[str, torch.Tensor]]:
+    """This rank's shards of out, lse, dq, dk, dv for every case."""
+    return [_run_case(rank, world_size, case) for case in cases]
+
+
+def _run_case(rank: int, world_size: int, case: Case) -> dict[str, torch.Tensor]:
+    inputs = {name: case.shard(x, rank, world_size) for name, x in case.inputs().items()}
+    q, k, v = (inputs[name].to(case.dtype).requires_grad_(True) for name in "qkv")
+    where = {"group": None} if case.mesh is None else {"mesh": _mesh(case.mesh)}
+    with _planted(case.fault):
+        out, lse = METHODS[case.method](q, k, v, causal=case.causal, layout=case.layout, return_lse=True, **where)
+        loss = (out.double() * inputs["grad_out"]).sum() + (lse.double() * inputs["grad_lse"]).sum()
+        loss.backward()
+    return {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@cache
+def _mesh(shape: tuple[int, int]):
+    return init_device_mesh("cpu", shape, mesh_dim_names=("ring", "ulysses"))
+
+
+@contextmanager
+def _planted(fault: str | None):
+    """Temporarily break the ring in one of the ways a plausible implementation goes wrong."""
+    import attnkit.parallel.ring as ring
+
+    if fault is None:
+        yield
+        return
+    saved = ring.merge_partials, ring._block
+    if fault == "average":  # average partial outputs instead of weighting them by their lse
+        ring.merge_partials = lambda a, la, b, lb: ((a.float() + b.float()) / 2, torch.logaddexp(la.float(), lb.float()))
+    elif fault == "zigzag_order":  # pair each query half with the wrong key half
+        original = saved[1]
+
+        def swapped(layout, causal, rank, source, seq_local):
+            block = original(layout, causal, rank, source, seq_local)
+            if block is None or block.causal or block.keys == slice(None):
+                return block
+            return block._replace(keys=slice(seq_local // 2, None))
+
+        ring._block = swapped
+    else:
+        raise ValueError(fault)
+    try:
+        yield
+    finally:
+        ring.merge_partials, ring._block = saved
+
+
+# ---------------------------------------------------------------- checking
+
+
+def reference(case: Case) -> dict[str, torch.Tensor]:
+    """out, lse, dq, dk, dv of the whole sequence in float64 by the explicit formula."""
+    inputs = case.inputs()
+    q, k, v = (inputs[name].clone().requires_grad_(True) for name in "qkv")
+    group = case.heads // case.heads_kv
+    scores = q @ k.repeat_interleave(group, dim=1).transpose(-2, -1) / math.sqrt(case.dim)
+    if case.causal:
+        seq = q.shape[2]
+        scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ v.repeat_interleave(group, dim=1)
+    ((out * inputs["grad_out"]).sum() + (lse * inputs["grad_lse"]).sum()).backward()
+    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def single_process(case: Case) -> dict[str, torch.Tensor]:
+    """The same tensors from the single-process kernels (``ops.kernels``) in the case's dtype."""
+    inputs = case.inputs()
+    q, k, v, grad_out = (inputs[name].to(case.dtype) for name in ("q", "k", "v", "grad_out"))
+    out, lse = forward_with_lse(q, k, v, causal=case.causal)
+    dq, dk, dv = backward_from_lse(grad_out, q, k, v, out, lse, causal=case.causal, grad_lse=inputs["grad_lse"].float())
+    return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |x - ref| / max |ref|`` in float64."""
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||x - ref|| / ||ref||`` in float64: steadier than the max for comparing error sizes."""
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def errors(case: Case, shards: list[dict[str, torch.Tensor]], measure=None) -> dict[str, tuple[float, float]]:
+    """Per tensor: (error of the joined shards, error of the single-process kernel), both against the
+    float64 reference by ``measure`` (default :func:`relative_error`)."""
+    measure = measure or relative_error
+    ref, single = reference(case), single_process(case)
+    joined = {name: case.unshard([s[name].detach() for s in shards]) for name in TENSORS}
+    return {name: (measure(joined[name], ref[name]), measure(single[name], ref[name])) for name in TENSORS}
