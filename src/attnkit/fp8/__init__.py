@@ -1,0 +1,31 @@
+"""FP8 training on ``torch._scaled_mm``: recipes, ``Float8Linear``, model conversion, the step helper.
+
+Usage (torchao's convention)::
+
+    config = Float8TrainingConfig.from_recipe_name("tensorwise", auto_filter=True)
+    model = convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head")
+    model = torch.compile(model)          # fuses amax + scale + cast; eager FP8 is slower than bf16
+    step = Float8TrainStep(model, optimizer)
+    loss.backward(); step()
+"""
+
+from attnkit.fp8.auto_filter import keep_reason, load_speedup_table, table_speedup
+from attnkit.fp8.config import Float8Format, Float8TrainingConfig, Recipe
+from attnkit.fp8.convert import conversion_plan, convert_from_float8_training, convert_to_float8_training
+from attnkit.fp8.gemm import native_blockwise_support, scaled_gemm
+from attnkit.fp8.linear import Float8Linear
+from attnkit.fp8.scaling import Granularity, Quantized, dequantize, quantize, sqnr
+from attnkit.fp8.train import Float8StepStats, Float8TrainStep
+
+__all__ = [
+    # configuration
+    "Float8TrainingConfig", "Recipe", "Float8Format",
+    # model conversion
+    "convert_to_float8_training", "convert_from_float8_training", "conversion_plan", "Float8Linear",
+    # automatic layer filter
+    "keep_reason", "table_speedup", "load_speedup_table",
+    # training step
+    "Float8TrainStep", "Float8StepStats",
+    # numerics building blocks
+    "quantize", "dequantize", "Quantized", "Granularity", "scaled_gemm", "native_blockwise_support", "sqnr",
+]

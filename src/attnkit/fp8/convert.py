@@ -1,0 +1,69 @@
+"""Swap a model's ``nn.Linear`` layers for :class:`Float8Linear` and back (torchao's entry point)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from attnkit.errors import check_type
+from attnkit.fp8.auto_filter import keep_reason
+from attnkit.fp8.config import Float8TrainingConfig
+from attnkit.fp8.linear import Float8Linear
+from attnkit.utils.swap import ModuleFilterFn, swap_modules
+
+__all__ = ["convert_to_float8_training", "convert_from_float8_training", "conversion_plan"]
+
+
+def conversion_plan(model: nn.Module, *, config: Float8TrainingConfig | None = None,
+                    module_filter_fn: ModuleFilterFn | None = None) -> dict[str, str | None]:
+    """For every plain ``nn.Linear`` in ``model``: fqn -> None (converted) or why it stays high precision."""
+    config = config or Float8TrainingConfig()
+    plan = {}
+    for fqn, module in model.named_modules():
+        if type(module) is nn.Linear:
+            reason = keep_reason(module, config)
+            if reason is None and module_filter_fn is not None and not module_filter_fn(module, fqn):
+                reason = "excluded by module_filter_fn"
+            plan[fqn] = reason
+    return plan
+
+
+def convert_to_float8_training(model: nn.Module, *, config: Float8TrainingConfig | None = None,
+                               module_filter_fn: ModuleFilterFn | None = None) -> nn.Module:
+    """Replace, in place, each ``nn.Linear`` of ``model`` that FP8 suits by a :class:`Float8Linear`.
+
+    A layer is converted when its dims are aligned (16, or 128 for blockwise), the automatic filter
+    (``config.auto_filter``) finds FP8 faster at its shape, and ``module_filter_fn(module, fqn)``
+    (if given) returns True. Parameters are shared, not copied; state_dict keys are unchanged
+    (the delayed recipe adds ``fp8_amax_history``).
+
+    Args:
+        model: the model (modified in place).
+        config: recipe and filter settings; default tensorwise, no auto filter.
+        module_filter_fn: ``(module, fqn) -> bool``, e.g. ``lambda m, fqn: fqn != "lm_head"``.
+
+    Returns:
+        The model.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> m = convert_to_float8_training(m, config=Float8TrainingConfig(emulate=True))
+        >>> [type(x).__name__ for x in m]
+        ['Float8Linear', 'ReLU', 'Linear']
+    """
+    check_type(model, nn.Module, "model")
+    config = config or Float8TrainingConfig()
+    check_type(config, Float8TrainingConfig, "config")
+
+    def accept(module: nn.Module, fqn: str) -> bool:
+        if type(module) is not nn.Linear or keep_reason(module, config) is not None:
+            return False
+        return module_filter_fn is None or bool(module_filter_fn(module, fqn))
+
+    return swap_modules(model, accept, lambda module, fqn: Float8Linear.from_float(module, config))
+
+
+def convert_from_float8_training(model: nn.Module) -> nn.Module:
+    """Turn every :class:`Float8Linear` back into ``nn.Linear`` with the same parameter tensors."""
+    check_type(model, nn.Module, "model")
+    return swap_modules(model, lambda module, fqn: isinstance(module, Float8Linear),
+                        lambda module, fqn: module.to_linear())

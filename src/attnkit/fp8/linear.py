@@ -1,0 +1,195 @@
+"""``Float8Linear``: an ``nn.Linear`` whose forward and both backward GEMMs run in FP8.
+
+The three GEMMs of a linear layer ``y = x W^T + b`` with x (M, K), W (N, K), dy (M, N), each written as
+``a @ b.T`` of outer-major operands (see :mod:`attnkit.fp8.gemm`):
+
+======== ============== ================= =====================================
+GEMM      a (outer, K)   b (outer, K)      scales per recipe
+======== ============== ================= =====================================
+output    x (M, K)       W (N, K)          tensor | row | 1x128 x 128x128
+grad_in   dy (M, N)      W^T (K, N)        tensor | row | 1x128 x 128x128
+grad_w    dy^T (N, M)    x^T (K, M)        tensor | row (hp for _gw_hp) | 1x128 x 1x128
+======== ============== ================= =====================================
+
+Tensorwise and delayed quantise each tensor once and reuse the FP8 data transposed (and save FP8
+activations for backward); rowwise and blockwise re-quantise along the other axis. Overflow policy: an
+operand whose amax is inf/NaN is counted in ``fp8_overflow_counts`` (x, weight, grad_output) and gets a
+NaN scale, so the layer's output (or gradient) is non-finite and the step helper skips the step;
+delayed scaling never records a non-finite amax in its history.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnkit.errors import UnsupportedError, check_type
+from attnkit.fp8.config import Float8TrainingConfig, Recipe
+from attnkit.fp8.gemm import native_blockwise_support, scaled_gemm
+from attnkit.fp8.scaling import Granularity, Quantized, compute_amax, quantize, update_amax_history
+
+__all__ = ["Float8Linear"]
+
+_X, _W, _G = 0, 1, 2  # operand roles: rows of the amax history and the overflow counters
+
+_FORWARD_GRANULARITY = {
+    Recipe.TENSORWISE: (Granularity.TENSOR, Granularity.TENSOR),
+    Recipe.DELAYED: (Granularity.TENSOR, Granularity.TENSOR),
+    Recipe.ROWWISE: (Granularity.ROW, Granularity.ROW),
+    Recipe.ROWWISE_WITH_GW_HP: (Granularity.ROW, Granularity.ROW),
+    Recipe.BLOCKWISE: (Granularity.BLOCK_1X128, Granularity.BLOCK_128X128),
+}
+
+
+def _quantize(t: torch.Tensor, dtype: torch.dtype, granularity: Granularity, config: Float8TrainingConfig,
+              role: int, history: torch.Tensor | None, counts: torch.Tensor | None) -> Quantized:
+    """Quantise an outer-major operand, counting a non-finite amax and applying delayed scaling."""
+    amax = compute_amax(t, granularity)
+    if counts is not None:
+        counts[role] += (~torch.isfinite(amax)).any().to(counts.dtype)
+    if history is not None:
+        past = history[role].amax()
+        use = torch.where(past > 0, past, amax)  # the first step bootstraps from the current amax
+        use = torch.where(torch.isfinite(amax), use, amax)  # keep overflow visible (NaN scale)
+        update_amax_history(history[role], amax)
+        amax = use
+    return quantize(t, dtype, granularity, amax=amax, power_of_2=config.power_of_2_scales)
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """x (M, K) @ W (N, K)^T + b with all three GEMMs on FP8 operands."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config, history, counts):
+        fwd = config.forward_format.dtype
+        gx, gw = _FORWARD_GRANULARITY[config.recipe]
+        xq = _quantize(x, fwd, gx, config, _X, history, counts)
+        wq = _quantize(weight, fwd, gw, config, _W, history, counts)
+        out = scaled_gemm(xq, wq, x.dtype, bias=bias, fast_accum=config.fast_accum_forward, emulate=config.emulate)
+        ctx.config, ctx.history, ctx.counts = config, history, counts
+        ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype)
+        if gx is Granularity.TENSOR:  # reuse the FP8 operands (half the saved bytes of bf16)
+            ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        else:
+            ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        config, history, counts = ctx.config, ctx.history, ctx.counts
+        fwd, bwd, emulate = config.forward_format.dtype, config.grad_format.dtype, config.emulate
+        x_dtype, w_dtype = ctx.dtypes
+        recipe = config.recipe
+        if recipe in (Recipe.TENSORWISE, Recipe.DELAYED):
+            x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+            xq = Quantized(x_data, x_scale, Granularity.TENSOR)
+            wq = Quantized(w_data, w_scale, Granularity.TENSOR)
+            gq = _quantize(grad_out, bwd, Granularity.TENSOR, config, _G, history, counts)
+            grad_x = scaled_gemm(gq, wq.t_tensorwise(), x_dtype, emulate=emulate)
+            grad_w = scaled_gemm(gq.t_tensorwise(), xq.t_tensorwise(), w_dtype, emulate=emulate)
+        else:
+            x, weight = ctx.saved_tensors
+            block = recipe is Recipe.BLOCKWISE
+            g_gran = Granularity.BLOCK_1X128 if block else Granularity.ROW
+            w_gran = Granularity.BLOCK_128X128 if block else Granularity.ROW
+            gq = _quantize(grad_out, bwd, g_gran, config, _G, None, counts)
+            wq = _quantize(weight.t(), fwd, w_gran, config, _W, None, None)
+            grad_x = scaled_gemm(gq, wq, x_dtype, emulate=emulate)
+            if recipe is Recipe.ROWWISE_WITH_GW_HP:
+                grad_w = (grad_out.t() @ x.to(grad_out.dtype)).to(w_dtype)
+            else:
+                gtq = _quantize(grad_out.t(), bwd, g_gran, config, _G, None, None)
+                xtq = _quantize(x.t(), fwd, g_gran, config, _X, None, None)
+                grad_w = scaled_gemm(gtq, xtq, w_dtype, emulate=emulate)
+        grad_b = grad_out.sum(0).to(w_dtype) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class Float8Linear(nn.Linear):
+    """``nn.Linear`` training in FP8 (``torch._scaled_mm``) under a :class:`Float8TrainingConfig`.
+
+    Same parameters and state_dict keys as ``nn.Linear`` (plus ``fp8_amax_history`` (3, L) for the
+    delayed recipe). Inputs whose token count M is not a multiple of ``config.block_size`` run the
+    plain high-precision ``F.linear`` (``_scaled_mm`` needs every dimension aligned).
+
+    Buffers:
+        fp8_overflow_counts: (3,) int64, non-persistent: forward/backward calls whose x, weight or
+            grad_output amax was inf/NaN.
+        fp8_amax_history: (3, L) float32, delayed only: amax of x, weight, grad_output, newest first.
+
+    Example:
+        >>> layer = Float8Linear.from_float(nn.Linear(64, 32), Float8TrainingConfig(emulate=True))
+        >>> layer(torch.randn(16, 64)).shape
+        torch.Size([16, 32])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 config: Float8TrainingConfig | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_fp8(config or Float8TrainingConfig(), self.weight.device)
+
+    def _init_fp8(self, config: Float8TrainingConfig, device: torch.device) -> None:
+        check_type(config, Float8TrainingConfig, "config")
+        block = config.block_size
+        if self.in_features % block or self.out_features % block:
+            raise UnsupportedError(
+                f"Float8Linear({self.in_features}, {self.out_features}): recipe {config.recipe.value!r} needs "
+                f"in_features and out_features divisible by {block}; keep this layer in high precision "
+                "(convert_to_float8_training's filter does so automatically).")
+        if config.recipe is Recipe.BLOCKWISE and not config.emulate and device.type != "meta":
+            reason = native_blockwise_support(device.type)
+            if reason is not None:
+                raise UnsupportedError(f"blockwise FP8 GEMMs do not run natively here ({reason}); "
+                                       "pass emulate=True in the config to emulate them (not fast).")
+        self.config = config
+        self.register_buffer("fp8_overflow_counts", torch.zeros(3, dtype=torch.int64, device=device),
+                             persistent=False)
+        history = None
+        if config.recipe is Recipe.DELAYED:
+            history = torch.zeros(3, config.amax_history_len, dtype=torch.float32, device=device)
+        self.register_buffer("fp8_amax_history", history)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: Float8TrainingConfig | None = None) -> "Float8Linear":
+        """A ``Float8Linear`` sharing ``linear``'s parameters (the same tensors, no copy)."""
+        check_type(linear, nn.Linear, "linear")
+        with torch.device("meta"):
+            new = cls.__new__(cls)
+            nn.Linear.__init__(new, linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight, new.bias = linear.weight, linear.bias
+        new._init_fp8(config or Float8TrainingConfig(), linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters (bit-identical weights)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight, linear.bias = self.weight, self.bias
+        linear.train(self.training)
+        return linear
+
+    def reset_amax_history(self) -> None:
+        """Forget the delayed-scaling history (the next step re-derives scales from current amaxes)."""
+        if self.fp8_amax_history is not None:
+            self.fp8_amax_history.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features), in x's dtype (the autocast dtype under autocast)."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.shape[0] % self.config.block_size:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        with torch.autocast(device, enabled=False):  # the FP8 math picks its own dtypes
+            out = _Float8Matmul.apply(x2d, self.weight, self.bias, self.config, self.fp8_amax_history,
+                                      self.fp8_overflow_counts)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        emulated = ", emulate=True" if self.config.emulate else ""
+        return (f"{super().extra_repr()}, recipe={self.config.recipe.value}, "
+                f"formats={self.config.forward_format.value}/{self.config.grad_format.value}{emulated}")
