@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+# Two xdist workers share the CI machine's 2 cores: one intra-op thread each. Tiny models run ~10x
+# slower when two workers each spin two threads on a loaded 2-core box.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     gpus = torch.cuda.device_count()

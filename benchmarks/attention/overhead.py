@@ -2,6 +2,10 @@
 
     python benchmarks/attention/overhead.py                       # host side, tiny tensors
     python benchmarks/attention/overhead.py --out benchmarks/results   # also write the JSON record
+    python benchmarks/attention/overhead.py --out "$OUT"               # on the GPU machine
+
+The goal (issue 9): ``attention()`` (auto) at most 1.15x a direct SDPA call at B8 H12 S512 D64 bf16;
+the run prints ``ratio`` = attention auto / sdpa (direct) for each measurement and stores it.
 
 Two measurements, each the minimum over ``--rounds`` rounds of ``--calls`` back-to-back calls
 (the minimum, because other processes share the machine and only ever add time):
@@ -108,7 +112,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=2000, help="calls per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the minimum is reported")
-    parser.add_argument("--out", type=Path, default=None, help="directory for the JSON record")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the JSON record (e.g. $OUT)")
     args = parser.parse_args()
     device = torch.device(args.device)
     backends = ["flash", "math"] if device.type == "cpu" else ["cudnn", "flash", "efficient", "math"]
@@ -135,6 +139,14 @@ def main() -> None:
             "dtype": "bfloat16",
             "us_per_call": measure(device, shape=shape, dtype=torch.bfloat16, backends=backends, calls=args.calls // 4, rounds=args.rounds, events=True),
         }
+    for part in ("host", "cuda"):
+        if part in record:
+            times = record[part]["us_per_call"]
+            if "attention auto" in times and "sdpa (direct)" in times:
+                ratio = times["attention auto"] / times["sdpa (direct)"]
+                record[part]["ratio_auto_vs_sdpa"] = round(ratio, 3)
+                goal = "  (goal <= 1.15)" if part == "cuda" else ""
+                print(f"{part}: attention auto / sdpa direct = {ratio:.3f}{goal}")
     if args.out is not None:
         slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
         path = args.out / f"attention-overhead-{slug}-{datetime.date.today().isoformat()}.json"

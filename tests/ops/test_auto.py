@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from attnkit.ops import BACKENDS, RULES, AttentionSpec, attention, attention_spec, backend_support, select_backend
+from attnkit.errors import UnsupportedError
+from attnkit.ops import BACKENDS, RULES, AttentionSpec, attention, attention_spec, backend_support, clear_caches, select_backend
 
 
 def test_every_rule_names_known_backends():
@@ -21,7 +22,7 @@ def test_cpu_prefers_flash_and_falls_back_when_it_cannot():
     assert choice.chosen == "math"
     assert "log-sum-exp" in choice.rejected["flash"]
     assert "reference" not in choice.candidates
-    assert "chosen='math'" in repr(choice) and "flash: SDPA does not return" in repr(choice)
+    assert "chosen='math'" in repr(choice) and "flash: the log-sum-exp comes only from the CUDA kernels" in repr(choice)
 
 
 def test_cuda_order_follows_measurements_and_support():
@@ -47,20 +48,56 @@ def test_flops_convention():
 
 
 def test_auto_falls_back_when_a_kernel_refuses_at_run_time(monkeypatch):
-    # Pretend the static rules missed flash's D == Dv requirement.
+    # Pretend the static rules missed flash's D == Dv requirement: the kernel itself refuses.
     monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(BACKENDS["flash"], support=lambda spec: None))
-    select_backend.cache_clear()
+    clear_caches()
     try:
         q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch explains its refusal as warnings
-            out = attention(q, k, v)
+        out = attention(q, k, v)
         torch.testing.assert_close(out, attention(q, k, v, backend="reference"))
-        spec = attention_spec(q, k, v)
-        assert select_backend(spec).chosen == "math"
-        assert "no FLASH_ATTENTION kernel" in backend_support(spec)["flash"]
+        spec, layout = attention_spec(q, k, v), (q.stride(), k.stride(), v.stride())
+        assert select_backend(spec, layout).chosen == "math"
+        assert "flash kernel refused" in backend_support(spec, layout)["flash"]
     finally:
-        select_backend.cache_clear()
+        clear_caches()
+
+
+def test_one_odd_layout_does_not_change_the_choice_for_other_calls(monkeypatch):
+    """A kernel refusing a strided call is remembered for that layout only (issue 8, point 9)."""
+    flash = BACKENDS["flash"]
+    ran = []
+
+    def contiguous_only(q, k, v, options):
+        if not q.is_contiguous():
+            raise UnsupportedError("flash kernel refused: pretend it needs contiguous q")
+        ran.append("flash")
+        return flash.fn(q, k, v, options)
+
+    monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(flash, fn=contiguous_only))
+    clear_caches()
+    try:
+        q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+        strided = torch.randn(1, 6, 2, 8).transpose(1, 2)  # same shape, another layout
+        torch.testing.assert_close(attention(strided, k, v), attention(strided, k, v, backend="reference"))
+        assert ran == []  # flash refused; math ran
+        attention(q, k, v)
+        attention(strided, k, v)
+        assert ran == ["flash"]  # the contiguous call still runs flash; the strided one does not retry it
+        assert backend_support(attention_spec(q, k, v))["flash"] is None
+    finally:
+        clear_caches()
+
+
+def test_cpu_auto_rule_follows_the_cpu_measurement():
+    """benchmarks/results/attention-cpu-2026-11-27.json: math wins short bf16 calls, flash from S512 on and in fp32."""
+    def spec(seq, dtype, grad):
+        return AttentionSpec(batch=4, heads_q=8, seq_q=seq, head_dim=64, dtype=dtype, requires_grad=grad)
+
+    for grad in (False, True):
+        assert select_backend(spec(128, torch.bfloat16, grad)).chosen == "math"
+        assert select_backend(spec(256, torch.bfloat16, grad)).chosen == ("flash" if grad else "math")
+        assert select_backend(spec(512, torch.bfloat16, grad)).chosen == "flash"
+        assert select_backend(spec(128, torch.float32, grad)).chosen == "flash"
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from attnkit.errors import InvalidArgumentError, InvalidTypeError, UnsupportedEr
 from attnkit.ops import BACKENDS, attention, select_backend
 from attnkit.ops import calls as calls_module
 from attnkit.ops import registry
+from attnkit.ops import sdpa as sdpa_module
 from attnkit.ops.calls import CALLS, forget_calls
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -209,30 +210,32 @@ def test_auto_falls_back_on_a_hit_when_the_kernel_starts_refusing(fresh_memo, mo
     def refuse(*args, **kwargs):
         raise UnsupportedError("torch has no FLASH_ATTENTION kernel for this call: pretend")
 
-    monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(BACKENDS["flash"], run=refuse))
+    monkeypatch.setattr(sdpa_module, "_cpu_flash", refuse)  # the kernel behind the remembered run
     assert torch.equal(attention(q, k, v), expected)  # a hit on flash, which refuses: auto runs the next
     ((_, known),) = CALLS.items()
-    assert known.backend == "math" and "pretend" in registry.backend_support(known.spec)["flash"]
+    assert known.backend == "math" and "pretend" in registry.backend_support(known.spec, known.layout)["flash"]
+    assert registry.backend_support(known.spec)["flash"] is None  # only this layout remembers the refusal
     _forbid_full_path(monkeypatch)
     assert torch.equal(attention(q, k, v), expected)  # and remembers that
 
 
-def test_forced_sdpa_kernels_restore_the_global_flags(fresh_memo, monkeypatch):
+def test_the_sdpa_backends_leave_the_global_flags_alone(fresh_memo, monkeypatch):
+    """The fused kernels are called directly: no process-wide SDPA flag changes, even when one refuses."""
     before = _sdp_flags()
+    flips = []
+    monkeypatch.setattr(torch._C, "_set_sdp_use_flash", lambda enabled: flips.append(enabled))
     q, k, v = _qkv(heads_kv=4)
     attention(q, k, v, backend="flash")
-    assert _sdp_flags() == before
-    # Pretend the static rule missed flash's D == Dv: torch refuses while the flags are set.
+    attention(q, k, v, mask=BOOL_MASK, causal=True, backend="flash")
+    # Pretend the static rule missed flash's D == Dv: the kernel refuses, named as such.
     monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(BACKENDS["flash"], support=lambda spec: None))
-    with pytest.raises(UnsupportedError, match="no FLASH_ATTENTION kernel"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch explains its refusal as warnings
+    with pytest.raises(UnsupportedError, match="flash kernel refused"):
         attention(q, k, v[..., :8], backend="flash")
-    assert _sdp_flags() == before
     with sdpa_kernel(SDPBackend.MATH):
         inside = _sdp_flags()
         torch.testing.assert_close(attention(q, k, v, backend="flash"), attention(q, k, v, backend="math"))
         assert _sdp_flags() == inside
-    assert _sdp_flags() == before
+    assert _sdp_flags() == before and flips == [False, True]  # only sdpa_kernel itself flipped flash
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")

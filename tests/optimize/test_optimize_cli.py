@@ -25,11 +25,24 @@ def test_optimize_prints_and_writes_json(tmp_path):
         app, ["optimize", "test_optimize_cli:tiny_gpt2", "--dtype", "bf16", "--batch", "2", "--device", "cpu", "--json", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "HFAttention" in result.output and "pass" in result.output
+    assert "GPT2Attention" in result.output and "pass" in result.output
     record = json.loads(out.read_text())
     assert record["passed"] and record["config"]["dtype"] == "bfloat16" and len(record["rewrites"]) == 1
+    assert record["rewrites"][0]["after"] == "GPT2Attention on attnkit"
+    assert record["fusion"] == {"groups": [], "refused": []}  # GPT-2's c_attn is already one packed projection
 
 
 def test_bad_dtype_is_a_clear_error():
-    result = CliRunner().invoke(app, ["optimize", "test_optimize_cli:tiny_gpt2", "--dtype", "int4", "--device", "cpu"])
+    result = CliRunner().invoke(app, ["--debug", "optimize", "test_optimize_cli:tiny_gpt2", "--dtype", "int4", "--device", "cpu"])  # --debug: the exception itself
     assert isinstance(result.exception, InvalidArgumentError) and "dtype" in str(result.exception)
+
+
+def mlp_only(batch_size=1, seq_len=None):
+    """A model with no attention and no sibling projections: nothing for optimize to rewrite."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval(), (torch.randn(batch_size, 8),)
+
+
+def test_nothing_rewritten_exits_1_and_says_so():
+    result = CliRunner().invoke(app, ["optimize", "test_optimize_cli:mlp_only", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "nothing rewritten" in result.output

@@ -36,3 +36,15 @@ def test_compiled_matches_eager_and_trains(name):
     out = float_tensors(compiled(*args, **kwargs))[0]
     out.sum().backward()
     torch.testing.assert_close(out, float_tensors(optimized(*args, **kwargs))[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_fused_projections_no_graph_breaks(name):
+    """With example inputs the projections are fused too; the fused model still traces as one graph."""
+    model, args, kwargs = build(name)
+    optimized, report = optimize(model, args, example_kwargs=kwargs, config=FAST)
+    assert report.fusion.groups
+    optimized.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(optimized)(*args, **kwargs)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]

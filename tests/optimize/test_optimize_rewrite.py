@@ -10,7 +10,7 @@ from torch import nn
 
 from attnkit.errors import InvalidArgumentError, InvalidTypeError
 from attnkit.nn import MultiHeadAttention
-from attnkit.optimize import HFAttention, OptimizeConfig, optimize
+from attnkit.optimize import FusedProjection, OptimizeConfig, optimize
 from optimize_models import build
 
 FAST = OptimizeConfig(check=False, measure=False)
@@ -43,7 +43,10 @@ def test_filter_and_original_left_unchanged():
     optimized, report = optimize(model, args, example_kwargs=kwargs, config=FAST, module_filter_fn=lambda m, fqn: "layer.0." in fqn)
     assert [r.path for r in report.rewrites] == ["encoder.layer.0.attention.self"]
     assert [(s.path, s.reason) for s in report.skipped] == [("encoder.layer.1.attention.self", "module_filter_fn returned False")]
-    assert type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # not inplace
+    assert [g.parent for g in report.fusion.groups] == ["encoder.layer.0.attention.self"]  # the filter sees fusion's parents too
+    assert isinstance(optimized.encoder.layer[0].attention.self.key, FusedProjection)
+    assert isinstance(optimized.encoder.layer[1].attention.self.key, nn.Linear)
+    assert isinstance(model.encoder.layer[0].attention.self.key, nn.Linear)  # not inplace
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -76,9 +79,8 @@ def test_rewritten_classes_and_gqa():
     model, args, kwargs = build("llama")
     optimized, report = optimize(model, args, example_kwargs=kwargs, config=OptimizeConfig(measure=False, check=False))
     attention = optimized.model.layers[0].self_attn
-    assert isinstance(attention, HFAttention) and attention.projection == "fused"
-    assert (attention.core.num_heads, attention.core.num_kv_heads) == (4, 2)
-    assert attention.qkv.weight.shape == (4 * 8 + 2 * 2 * 8, 32)
+    assert isinstance(attention.q_proj, FusedProjection) and (attention.q_proj.out_features, attention.k_proj.out_features) == (32, 16)
+    assert attention.fused_q_proj_k_proj_v_proj.weight.shape == (4 * 8 + 2 * 2 * 8, 32)  # GQA: 4 query heads, 2 KV heads
     assert all(b.backend for b in report.backends) and report.backends
     torch_model, targs, _ = build("torch-mha")
     optimized, _ = optimize(torch_model, targs, config=FAST)
@@ -89,7 +91,7 @@ def test_fuse_qkv_false_keeps_separate_projections():
     model, args, kwargs = build("bert")
     optimized, report = optimize(model, args, example_kwargs=kwargs, fuse_qkv=False, config=OptimizeConfig(measure=False))
     attention = optimized.encoder.layer[0].attention.self
-    assert attention.projection == "separate" and isinstance(attention.query, nn.Linear)
+    assert type(attention.query) is nn.Linear and report.fusion is None
     assert report.passed
 
 
@@ -111,7 +113,8 @@ def test_report_json_and_render():
     console = Console(record=True, width=160)
     console.print(report)
     text = console.export_text()
-    assert "ViTAttention -> HFAttention" in text and "Conv2d -> PatchifyGEMM" in text and "pass" in text
+    assert "ViTAttention on attnkit" in text and "Conv2d -> PatchifyGEMM" in text and "pass" in text
+    assert "q_proj (32) + k_proj (32) + v_proj (32)" in text and record["fusion"]["groups"]
     assert "rewrites=3" in repr(report)  # two attentions and the patch embedding
 
 

@@ -20,6 +20,6 @@ def test_zoo_model_equivalent(name):
     zoo = build_model(name, batch_size=1, seq_len=SEQ.get(name, 16))
     _, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=OptimizeConfig(measure=False))
     assert report.rewrites, report.skipped
-    assert not [s for s in report.skipped if "recognised" in s.reason], report.skipped
-    assert {(c.what, c.mode) for c in report.checks} == {("outputs", "eval"), ("outputs", "train"), ("gradients", "train")}
+    assert report.rewritten and not [s for s in report.skipped if "not nn.MultiheadAttention" in s.reason], report.skipped
+    assert {("outputs", "eval"), ("outputs", "train"), ("gradients", "train")} <= {(c.what, c.mode) for c in report.checks}
     assert report.passed, [c for c in report.checks if not c.passed]

@@ -1,5 +1,6 @@
 """`attnkit validate`: exit 0 when accuracy passes, 1 when it fails, a clear error for bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,8 @@ from typer.testing import CliRunner
 import attnkit.models
 from attnkit.cli import validate as validate_cli
 from attnkit.errors import InvalidArgumentError
-from attnkit.ops import BACKENDS, Backend
+from attnkit.ops import BACKENDS
+from attnkit.ops.registry import register_backend, unregister_backend
 from planted import TinyDecoder, tiny_inputs
 
 
@@ -31,16 +33,20 @@ def test_passes_with_exit_0_and_writes_json_and_plots(app, tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["user.module_tiny-float32-accuracy.png", "user.module_tiny-float32-latency.png"]
 
 
-def test_fails_with_exit_1_when_a_backend_is_wrong(app, monkeypatch):
+def test_fails_with_exit_1_when_a_backend_is_wrong(app):
     wrong = BACKENDS["math"].run
 
-    def run(q, k, v, *, scale, **options):
-        return wrong(q, k, v, scale=scale * 1.5, **options)
+    def run(q, k, v, options):
+        return wrong(q, k, v, dataclasses.replace(options, scale=options.scale * 1.5))
 
-    monkeypatch.setitem(BACKENDS, "wrong_scale", Backend("wrong_scale", "planted fault", run, lambda spec: None))
-    result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--backends", "math,wrong_scale"])
+    register_backend("wrong_scale", lambda spec: None, run, summary="planted fault: scale off by 1.5x")
+    try:
+        result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--backends", "math,wrong_scale"])
+    finally:
+        unregister_backend("wrong_scale")
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "wrong_scale" in result.output
+    assert "TypeError" not in result.output and "raised" not in result.output  # failed on accuracy, not by raising
 
 
 def test_usage_errors(app):

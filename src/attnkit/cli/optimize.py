@@ -25,8 +25,15 @@ def register(app: typer.Typer) -> None:
             None, "--select/--no-select", help="Time original vs rewritten (and both compiled with --compile); keep the fastest proven one (default: on for cuda)."
         ),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+        save: Optional[Path] = typer.Option(
+            None, "--save", help="Save the optimized model to this directory (original weight names; reload with attnkit.optimize.load_optimized)."
+        ),
     ) -> None:
-        """Rewrite MODEL's attention for speed, check it against the original, and print the report."""
+        """Rewrite MODEL's attention for speed, check it against the original, print the report (and save the model)."""
+        from attnkit.cli._inputs import check_inputs
+
+        check_inputs(models=model, batch=batch, seq=seq, device=device, backend=backend, outputs={"--json": json_path}, output_dirs={"--save": save})
+
         import torch
         from rich.console import Console
 
@@ -40,11 +47,23 @@ def register(app: typer.Typer) -> None:
         with console.status(f"building {model} (batch {batch}) on {device}"):
             zoo = build_model(model, batch_size=batch, seq_len=seq, device=device)
         with console.status("rewriting, checking equivalence" + (", timing" if device.startswith("cuda") or select else "")):
-            _, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=config)
+            optimized, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=config)
         report.model = model
         console.print(report)
         if json_path is not None:
             json_path.write_text(report.dumps())
             console.print(f"wrote {json_path}")
+        if save is not None:
+            from attnkit.optimize.save import save_optimized
+
+            with console.status(f"saving to {save}"):
+                save_optimized(optimized, report, save)
+            console.print(f"saved to {save} (reload: attnkit.optimize.load_optimized({str(save)!r}{'' if hasattr(optimized, 'save_pretrained') else ', model'}))")
         if not report.passed:
+            raise typer.Exit(1)
+        fused = report.fusion is not None and bool(report.fusion.groups)
+        if report.rewritten == 0 and not fused:
+            # Exit 0 would read as "optimized" to a script; say plainly that the model is unchanged.
+            typer.secho(f"nothing rewritten in {model}: no attention or projections attnkit can rewrite "
+                        "(the 'skipped' table says why for each module)", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(1)

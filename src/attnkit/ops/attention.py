@@ -11,14 +11,17 @@ import math
 
 import torch
 
-from attnkit.errors import UnsupportedError, check_type
+from attnkit.errors import UnsupportedError, check_type, fail
 from attnkit.ops.auto import select_backend
 from attnkit.ops.calls import CALLS, KnownCall, call_key, remember
-from attnkit.ops.inputs import attention_spec
+from attnkit.ops.inputs import attention_spec, resolve_block_pattern
+from attnkit.ops.options import AttentionOptions
 from attnkit.ops.reference import explicit_weights
 from attnkit.ops.registry import BACKENDS, backend_support, get_backend, record_runtime_rejection
 
 __all__ = ["attention", "attention_weights"]
+
+_TENSOR = torch.Tensor
 
 
 def attention(
@@ -26,23 +29,27 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    mask: torch.Tensor | None = None,
+    mask=None,
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    q_start: int | None = None,
+    kv_start: int | None = None,
+    options: AttentionOptions | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, on a chosen backend.
 
     Args:
-        q: ``(B, Hq, Sq, D)``.
+        q: ``(B, Hq, Sq, D)``; ``B`` may be 0 (an empty output comes back).
         k: ``(B, Hkv, Skv, D)`` with ``Hq % Hkv == 0``; query head ``h`` uses KV head
             ``h // (Hq // Hkv)`` (GQA; MQA when ``Hkv == 1``).
         v: ``(B, Hkv, Skv, Dv)``.
         mask: bool (True = may attend) or floating (added to the scores), broadcastable to
-            ``(B, Hq, Sq, Skv)``.
+            ``(B, Hq, Sq, Skv)``; or a FlexAttention ``BlockMask`` (or a pattern object with
+            ``block_mask(batch, heads, seq_q, seq_kv, device)``), with ``causal=False``.
         causal: bottom-right aligned, query ``i`` sees key ``j`` iff ``j <= i + Skv - Sq``::
 
                 Sq=2, Skv=4:  k0 k1 k2 k3
@@ -54,11 +61,14 @@ def attention(
         dropout_mask: bool, broadcastable to ``(B, Hq, Sq, Skv)``, True = keep; makes dropout reproducible.
         return_lse: also return the natural-log log-sum-exp of the scaled, masked scores.
         backend: ``"auto"`` or a name in ``BACKENDS`` (``reference``, ``math``, ``flash``,
-            ``cudnn``, ``efficient``, ``flex``, ``chunked``).
+            ``cudnn``, ``efficient``, ``flex``, ``chunked``, and any added with ``register_backend``).
+        q_start, kv_start: global positions of query row 0 and key 0 for a sequence shard: query
+            ``q_start + i`` sees key ``kv_start + j`` iff ``kv_start + j <= q_start + i`` (with ``causal``).
+        options: an :class:`AttentionOptions` instead of the keywords above (not both).
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Sq)`` float32.
-        A query with no allowed key gets zeros and ``lse = -inf``.
+        A query with no allowed key gets zeros and ``lse = -inf``; a query holding NaN gets NaN.
 
     Raises:
         InvalidArgumentError / InvalidTypeError: malformed inputs or unknown backend.
@@ -68,65 +78,90 @@ def attention(
 
         out = attention(q, k, v, causal=True)                    # fastest backend that fits
         out, lse = attention(q, k, v, backend="chunked", return_lse=True)
+        out = attention(q_shard, k_shard, v_shard, causal=True, q_start=4096, kv_start=0)
     """
-    key = call_key(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend)
+    if options is not None:
+        if not (mask is None and causal is False and scale is None and dropout_p == 0.0 and dropout_mask is None
+                and return_lse is False and q_start is None and kv_start is None):  # fmt: skip
+            fail("options", "either options or the loose keywords (mask, causal, ...), not both", options)
+        check_type(options, AttentionOptions, "options")
+        mask, causal, scale, dropout_p = options.mask, options.causal, options.scale, options.dropout_p
+        dropout_mask, return_lse, q_start, kv_start = options.dropout_mask, options.return_lse, options.q_start, options.kv_start
+    key = call_key(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start)
     known = CALLS.get(key) if key is not None else None
     fresh = known is None and key is not None  # remember it once it has run
     if known is None:
-        known = _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend)
+        known = _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start)
     else:
         try:
             CALLS.move_to_end(key)  # least recently used goes first
         except KeyError:  # another thread cleared the memo in between; `known` is still right
             pass
-    options = {
-        "mask": mask,
-        "causal": causal,
-        "scale": known.default_scale if scale is None else scale,
-        "dropout_p": float(dropout_p),
-        "dropout_mask": dropout_mask,
-        "return_lse": return_lse,
-    }
-    if backend == "auto":
-        ran, (out, lse) = _run_auto(known.spec, known.backend, q, k, v, options)
+    run_options = known.options
+    if run_options is None:
+        if mask is not None and not isinstance(mask, _TENSOR):
+            mask = resolve_block_pattern(mask, q, k)  # a pattern's BlockMask, once per pattern object
+        run_options = AttentionOptions(
+            mask, causal, known.default_scale if scale is None else scale, float(dropout_p), dropout_mask, return_lse, q_start, kv_start
+        )
+        if fresh and mask is None and dropout_mask is None:
+            known = known._replace(options=run_options)  # everything in it is in the key
+    if known.spec.batch == 0:
+        out, lse = _empty(q, v)
+    elif backend == "auto":
+        ran, (out, lse) = _run_auto(known, q, k, v, run_options)
         if ran != known.backend:  # a kernel refused at run time (and the memo was cleared)
-            known, fresh = known._replace(backend=ran), key is not None
+            known, fresh = known._replace(backend=ran, run=_runner(ran, known.spec)), key is not None
     else:
-        out, lse = BACKENDS[backend].run(q, k, v, **options)
+        out, lse = known.run(q, k, v, run_options)
     if fresh:
         remember(key, known)
     return (out, lse) if return_lse else out
 
 
-def _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend) -> KnownCall:
+def _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start) -> KnownCall:
     """The full path: every check (raising the user's error), then the backend to run."""
     spec = attention_spec(
-        q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, return_lse=return_lse
-    )
+        q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
+        return_lse=return_lse, q_start=q_start, kv_start=kv_start,
+    )  # fmt: skip
     check_type(backend, str, "backend")
+    layout = (q.stride(), k.stride(), v.stride())
     if backend == "auto":
-        name = select_backend(spec).chosen
+        name = select_backend(spec, layout).chosen
     else:
         reason = get_backend(backend).support(spec)
         if reason is not None:
             usable = [name for name, why in backend_support(spec).items() if why is None]
             raise UnsupportedError(f"backend {backend!r} cannot run this call: {reason}. Usable here: {', '.join(usable)}.")
         name = backend
-    return KnownCall(spec, name, 1.0 / math.sqrt(q.shape[-1]) if scale is None else None)
+    return KnownCall(spec, name, 1.0 / math.sqrt(q.shape[-1]) if scale is None else None, layout, _runner(name, spec))
 
 
-def _run_auto(spec, name, q, k, v, options):
-    """Run ``name`` (auto's choice); if its kernel refuses at run time, remember that and take the next.
+def _runner(name: str, spec):
+    """The backend's plan for this spec, or its general ``fn``."""
+    backend = BACKENDS[name]
+    return (backend.plan(spec) if backend.plan is not None else None) or backend.fn
 
-    Returns ``(backend that ran, (out, lse))``.
-    """
+
+def _empty(q, v):
+    """An empty batch: nothing to compute (kernels differ on zero-size launches)."""
+    out = q.new_zeros(*q.shape[:3], v.shape[-1]) + (q.sum() + v.sum()) * 0  # keeps the autograd link
+    return out, torch.zeros(q.shape[:3], device=q.device)
+
+
+def _run_auto(known: KnownCall, q, k, v, options: AttentionOptions):
+    """Run ``known.backend`` (auto's choice); if its kernel refuses at run time, remember that for this
+    call's layout only and take the next. Returns ``(backend that ran, (out, lse))``."""
+    name, run = known.backend, known.run
     while True:
         try:
-            return name, BACKENDS[name].run(q, k, v, **options)
+            return name, run(q, k, v, options)
         except UnsupportedError as error:
-            record_runtime_rejection(name, spec, str(error))
+            record_runtime_rejection(name, known.spec, str(error), known.layout)
             select_backend.cache_clear()
-            name = select_backend(spec).chosen
+            name = select_backend(known.spec, known.layout).chosen
+            run = BACKENDS[name].fn
 
 
 def attention_weights(
@@ -163,5 +198,8 @@ def attention_weights(
     # holds or has already failed for k, so errors name only q, k and the options.
     attention_spec(q, k, k, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    weights, _ = explicit_weights(q, k, mask=mask, causal=causal, scale=scale, dropout_p=float(dropout_p), dropout_mask=dropout_mask)
+    if mask is not None and not isinstance(mask, _TENSOR):
+        mask = resolve_block_pattern(mask, q, k)
+    options = AttentionOptions(mask=mask, causal=causal, scale=scale, dropout_p=float(dropout_p), dropout_mask=dropout_mask)
+    weights, _ = explicit_weights(q, k, options)
     return weights

@@ -3,9 +3,9 @@
 A call takes the order of the first rule it matches and runs the first supported backend in
 that order. To retune from measurements, edit ``RULES``: ``benchmarks/attention/run.py``
 prints rules ordered by what it measured (``bench.attention.suggest_rules``) and reports, for
-every shape, the fastest backend and whether auto was within 2% of it. Choices are cached per
-spec (and per call in ``attention()``'s memo, see ``ops/calls.py``); call
-``select_backend.cache_clear()`` after changing ``RULES`` or ``BACKENDS`` at run time: it clears both.
+every shape, the fastest backend and whether auto was within 2% of it. Only backends registered
+with ``auto=True`` are candidates. Choices are cached per (spec, layout) in the op's one cache
+(``ops/cache.py``); call ``clear_caches()`` after changing ``RULES`` or ``BACKENDS`` by hand.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Hashable, Mapping
 
+import torch
+
+from attnkit.ops.cache import on_clear
 from attnkit.ops.calls import forget_calls
 from attnkit.ops.registry import BACKENDS, backend_support
 from attnkit.ops.spec import AttentionSpec
@@ -34,6 +37,9 @@ class Rule:
     requires_grad: bool | None = None
     """True for training calls (forward + backward), False for inference."""
     max_head_dim: int | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    max_seq: int | None = None
+    """Longest of Sq and Skv."""
 
     def matches(self, spec: AttentionSpec) -> bool:
         head_dim = max(spec.head_dim, spec.head_dim_v)
@@ -42,6 +48,8 @@ class Rule:
             and (self.causal is None or self.causal == spec.causal)
             and (self.requires_grad is None or self.requires_grad == spec.requires_grad)
             and (self.max_head_dim is None or head_dim <= self.max_head_dim)
+            and (self.dtypes is None or spec.dtype in self.dtypes)
+            and (self.max_seq is None or max(spec.seq_q, spec.seq_kv) <= self.max_seq)
         )
 
 
@@ -53,9 +61,31 @@ RULES: tuple[Rule, ...] = (
         "took 0.307 ms in one run and 0.156 ms in the next, flash 0.28 ms in both, so no special rule)",
         device="cuda",
     ),
+    # CPU (benchmarks/results/attention-cpu-2026-11-27.json: 2-core CPU, torch 2.13, backends taking
+    # turns, min of 7 rounds; two earlier runs of the script agreed on these rows): in bf16 the explicit
+    # softmax beats the CPU flash kernel at short sequences; from S512 on, and in float32, flash wins.
+    Rule(
+        order=("math", "flash", "chunked", "flex"),
+        why="measured (CPU, bf16 inference, S <= 256): math 0.8 vs flash 9.7 ms at B4 H8 S128 D64, "
+        "12.9 vs 67.6 ms at S256 (benchmarks/results/attention-cpu-2026-11-27.json)",
+        device="cpu",
+        requires_grad=False,
+        dtypes=(torch.bfloat16, torch.float16),
+        max_seq=256,
+    ),
+    Rule(
+        order=("math", "flash", "chunked", "flex"),
+        why="measured (CPU, bf16 forward+backward, S <= 128): math 32 vs flash 116 ms at B4 H8 S128 D64 "
+        "(causal 41 vs 48); at S256 flash is ahead (173 vs 208) (benchmarks/results/attention-cpu-2026-11-27.json)",
+        device="cpu",
+        requires_grad=True,
+        dtypes=(torch.bfloat16, torch.float16),
+        max_seq=128,
+    ),
     Rule(
         order=("flash", "math", "chunked", "flex"),
-        why="CPU: the SDPA flash kernel is the only fused one; flex is not compiled on CPU",
+        why="measured: 2-core CPU, torch 2.13: the flash kernel wins forward and forward+backward at S >= 512 "
+        "(1.5-3.5x) and in float32 (benchmarks/results/attention-cpu-2026-11-27.json); flex is not compiled on CPU",
         device="cpu",
     ),
     Rule(order=("math", "chunked"), why="other devices: plain PyTorch runs everywhere"),
@@ -78,8 +108,11 @@ class BackendChoice:
         return "\n".join(lines) + ")"
 
 
-def select_backend(spec: AttentionSpec) -> BackendChoice:
-    """The backend ``auto`` runs for ``spec`` (cached per spec; ``select_backend.cache_clear()`` resets).
+def select_backend(spec: AttentionSpec, layout: Hashable = None) -> BackendChoice:
+    """The backend ``auto`` runs for ``spec`` (cached; ``clear_caches()`` resets).
+
+    ``layout`` (what ``attention()`` passes: the tensors' strides) keeps a run-time refusal of one
+    odd call from changing the choice for other calls of the same spec.
 
     Example::
 
@@ -89,27 +122,28 @@ def select_backend(spec: AttentionSpec) -> BackendChoice:
         #   math: ranked after 'flash'
         #   cudnn: cudnn runs on cuda only, got device 'cpu' ...)
     """
-    return _choose(spec)
+    return _choose(spec, layout)
 
 
 @functools.lru_cache(maxsize=1024)
-def _choose(spec: AttentionSpec) -> BackendChoice:
+def _choose(spec: AttentionSpec, layout: Hashable) -> BackendChoice:
     rule = next(rule for rule in RULES if rule.matches(spec))
-    # Backends no rule ranks (except the float64 reference) stay reachable as a last resort.
-    candidates = rule.order + tuple(name for name in BACKENDS if name not in rule.order and name != "reference")
-    candidates = tuple(name for name in candidates if name in BACKENDS)
-    support = backend_support(spec)
+    # Opted-in backends no rule ranks stay reachable after the ranked ones.
+    candidates = rule.order + tuple(name for name in BACKENDS if name not in rule.order)
+    candidates = tuple(name for name in candidates if name in BACKENDS and BACKENDS[name].auto)
+    support = backend_support(spec, layout)
     chosen = next(name for name in candidates if support[name] is None)
     rejected = MappingProxyType({name: support[name] or f"ranked after {chosen!r}" for name in candidates if name != chosen})
     return BackendChoice(chosen=chosen, candidates=candidates, rejected=rejected, rule=rule.why)
 
 
-def _cache_clear() -> None:
-    """Forget every cached choice, here and in ``attention()``'s per-call memo."""
+def _forget_choices() -> None:
+    """Forget auto's choices, here and in ``attention()``'s per-call memo (run-time refusals stay)."""
     _choose.cache_clear()
     forget_calls()
 
 
-# The functools.lru_cache API callers already use, now clearing the per-call memo too.
-select_backend.cache_clear = _cache_clear
+on_clear(_choose.cache_clear)
+# The functools.lru_cache API callers already use (optimize records a refusal, then clears the choices).
+select_backend.cache_clear = _forget_choices
 select_backend.cache_info = _choose.cache_info

@@ -1,6 +1,7 @@
-"""The `chunked` backend: exact attention by online softmax over KV blocks, in plain PyTorch.
+"""The `chunked` backend: exact attention over KV blocks in plain PyTorch, a one-process model of ring attention.
 
-Extra memory is ``O(B * Hq * Sq * block_size)`` instead of the ``(B, Hq, Sq, Skv)`` scores, and
+Each block gives a partial ``(out, lse)`` that ``ops.lse.merge_partials`` folds into the running
+result, exactly as ring attention merges the block that arrives from its neighbour. Extra memory is ``O(B * Hq * Sq * block_size)`` instead of the ``(B, Hq, Sq, Skv)`` scores, and
 the log-sum-exp comes out (with a gradient), which is what ring attention merges partial
 results with. Statistics and accumulators are kept in float32 (float64 for float64 inputs).
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from attnkit.errors import check_arg
-from attnkit.ops.masks import merged_mask
+from attnkit.ops.lse import merge_partials
+from attnkit.ops.masks import merged_mask, tensor_mask
+from attnkit.ops.options import AttentionOptions
 
 __all__ = ["chunked_attention", "BLOCK_SIZE"]
 
@@ -25,8 +28,8 @@ BLOCK_SIZE = 512
 class _Blocks:
     """Per-call constants and the per-block pieces shared by forward and backward."""
 
-    def __init__(self, q, k, mask, causal, scale, dropout_p, dropout_mask, seed, block_size):
-        self.q, self.k, self.mask, self.causal, self.scale = q, k, mask, causal, scale
+    def __init__(self, q, k, mask, causal, offset, scale, dropout_p, dropout_mask, seed, block_size):
+        self.q, self.k, self.mask, self.causal, self.offset, self.scale = q, k, mask, causal, offset, scale
         self.dropout_p, self.dropout_mask, self.seed, self.block_size = dropout_p, dropout_mask, seed, block_size
         self.acc_dtype = torch.promote_types(q.dtype, torch.float32)
 
@@ -37,7 +40,9 @@ class _Blocks:
         """Scaled, masked scores ``(B, H, Sq, end - start)`` in the accumulator dtype."""
         scores = (self.q @ self.k[:, :, start:end].transpose(-2, -1)).to(self.acc_dtype) * self.scale
         seq_q, seq_kv = self.q.shape[2], self.k.shape[2]
-        tile = merged_mask(self.mask, self.causal, seq_q, seq_kv, dtype=self.acc_dtype, device=self.q.device, kv_start=start, kv_end=end)
+        tile = merged_mask(
+            self.mask, self.causal, seq_q, seq_kv, dtype=self.acc_dtype, device=self.q.device, kv_start=start, kv_end=end, offset=self.offset
+        )
         if tile is None:
             return scores
         return scores.masked_fill(~tile, float("-inf")) if tile.dtype == torch.bool else scores + tile
@@ -59,27 +64,21 @@ class _Blocks:
 
 
 def _forward(blocks: _Blocks, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial ``(out, lse)`` per KV block, merged through the log-sum-exp (``merge_partials``)."""
     q = blocks.q
-    shape = (*q.shape[:3], 1)
-    acc = torch.zeros(*q.shape[:3], v.shape[-1], dtype=blocks.acc_dtype, device=q.device)  # (B, H, Sq, Dv)
-    row_max = torch.full(shape, float("-inf"), dtype=blocks.acc_dtype, device=q.device)  # (B, H, Sq, 1)
-    row_sum = torch.zeros(shape, dtype=blocks.acc_dtype, device=q.device)
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=blocks.acc_dtype, device=q.device)  # (B, H, Sq, Dv)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=blocks.acc_dtype, device=q.device)  # (B, H, Sq)
     for start in blocks.starts():
         end = min(start + blocks.block_size, v.shape[2])
         scores = blocks.scores(start, end)
-        new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
-        safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet
-        probs = torch.exp(scores - safe_max)
-        rescale = torch.exp(row_max - safe_max)
-        row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
+        block_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf for a row with no key here
+        probs = torch.exp(scores - block_lse.masked_fill(block_lse == float("-inf"), 0.0))
         keep = blocks.keep(start, end, probs)
         if keep is not None:
             probs = probs * keep
-        acc = acc * rescale + (probs.to(v.dtype) @ v[:, :, start:end]).to(blocks.acc_dtype)
-        row_max = new_max
-    out = acc / torch.where(row_sum > 0, row_sum, 1.0)
-    lse = torch.log(row_sum) + row_max.masked_fill(row_max == float("-inf"), 0.0)  # -inf for empty rows
-    return out, lse.squeeze(-1)
+        block_out = (probs.to(v.dtype) @ v[:, :, start:end]).to(blocks.acc_dtype)
+        out, lse = merge_partials(out, lse, block_out, block_lse.squeeze(-1))
+    return out, lse
 
 
 def _backward(blocks: _Blocks, v, out, lse, grad_out, grad_lse, need_mask_grad: bool):
@@ -118,34 +117,37 @@ def _backward(blocks: _Blocks, v, out, lse, grad_out, grad_lse, need_mask_grad: 
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, scale, dropout_p, dropout_mask, seed, block_size):
-        blocks = _Blocks(q, k, mask, causal, scale, dropout_p, dropout_mask, seed, block_size)
+    def forward(ctx, q, k, v, mask, causal, offset, scale, dropout_p, dropout_mask, seed, block_size):
+        blocks = _Blocks(q, k, mask, causal, offset, scale, dropout_p, dropout_mask, seed, block_size)
         out, lse = _forward(blocks, v)
         ctx.save_for_backward(q, k, v, mask, dropout_mask, out, lse)
-        ctx.options = (causal, scale, dropout_p, seed, block_size)
+        ctx.options = (causal, offset, scale, dropout_p, seed, block_size)
         ctx.set_materialize_grads(False)  # an unused lse (or out) then costs no backward work
         return out.to(q.dtype), lse.float()
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, mask, dropout_mask, out, lse = ctx.saved_tensors
-        causal, scale, dropout_p, seed, block_size = ctx.options
-        blocks = _Blocks(q, k, mask, causal, scale, dropout_p, dropout_mask, seed, block_size)
+        causal, offset, scale, dropout_p, seed, block_size = ctx.options
+        blocks = _Blocks(q, k, mask, causal, offset, scale, dropout_p, dropout_mask, seed, block_size)
         need_mask_grad = mask is not None and ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_mask = _backward(blocks, v, out, lse, grad_out, grad_lse, need_mask_grad)
         grads = (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None if grad_mask is None else grad_mask.to(mask.dtype))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def chunked_attention(
-    q, k, v, *, mask, causal, scale, dropout_p, dropout_mask, return_lse, block_size: int = BLOCK_SIZE
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def chunked_attention(q, k, v, options: AttentionOptions, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over KV blocks of ``block_size`` keys. Shapes as in ``attention()``;
     returns ``(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) float32 | None)``."""
     check_arg(isinstance(block_size, int) and block_size >= 1, "block_size", "an int >= 1", block_size)
+    seq_q, seq_kv = q.shape[2], k.shape[2]
     if (group := q.shape[1] // k.shape[1]) > 1:
         # GQA by expansion: autograd sums the gradients of repeated heads back onto each KV head.
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    dropout_p, dropout_mask = options.dropout_p, options.dropout_mask
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 and dropout_mask is None else 0
-    out, lse = _ChunkedAttention.apply(q, k, v, mask, causal, scale, dropout_p, dropout_mask, seed, block_size)
-    return out, (lse if return_lse else None)
+    offset = options.causal_offset(seq_q, seq_kv)
+    out, lse = _ChunkedAttention.apply(
+        q, k, v, tensor_mask(options.mask), options.causal, offset, options.scale, dropout_p, dropout_mask, seed, block_size
+    )
+    return out, (lse if options.return_lse else None)

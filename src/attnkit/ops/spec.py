@@ -11,18 +11,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from attnkit.errors import fail
+from attnkit.ops.options import MASK_KINDS, mask_kind
 
 __all__ = ["AttentionSpec", "MASK_KINDS", "mask_kind"]
 
-MASK_KINDS = ("none", "bool", "additive")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def mask_kind(mask: torch.Tensor | None) -> str:
-    """``"none"``, ``"bool"`` or ``"additive"`` for an attention mask (not validated here)."""
-    if mask is None:
-        return "none"
-    return "bool" if mask.dtype == torch.bool else "additive"
 
 
 @dataclass(frozen=True)
@@ -43,9 +36,11 @@ class AttentionSpec:
     """Device type: ``"cpu"``, ``"cuda"``, ..."""
     dtype: torch.dtype = torch.float32
     mask: str = "none"
-    """One of ``MASK_KINDS``: no mask, bool (True = may attend) or additive float."""
+    """One of ``MASK_KINDS``: no mask, bool (True = may attend), additive float, or a FlexAttention block mask."""
     causal: bool = False
-    """Bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Skv - Sq``."""
+    """Query ``i`` sees key ``j`` iff ``j <= i + causal_offset`` (default bottom-right, ``Skv - Sq``)."""
+    causal_offset: int | None = None
+    """None = bottom-right (``Skv - Sq``); else from the call's ``q_start - kv_start`` (a sequence shard)."""
     dropout_p: float = 0.0
     dropout_mask: bool = False
     """A caller-given keep-mask makes dropout reproducible; few kernels accept one."""
@@ -62,8 +57,11 @@ class AttentionSpec:
                 object.__setattr__(self, name, default)
         for name in ("batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "head_dim_v"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                fail(name, "an int >= 1", value)
+            least = 0 if name == "batch" else 1  # an empty batch is valid (as in torch) and returns an empty output
+            if not (isinstance(value, int) and value >= least):
+                fail(name, f"an int >= {least}", value)
+        if not (self.causal_offset is None or isinstance(self.causal_offset, int)):
+            fail("causal_offset", "None (bottom-right) or an int", self.causal_offset)
         if not (self.heads_q % self.heads_kv == 0):
             fail("heads_kv", f"a divisor of heads_q={self.heads_q}", self.heads_kv, "Query head h uses KV head h // (Hq // Hkv).")
         if not isinstance(self.device, str):
@@ -80,12 +78,22 @@ class AttentionSpec:
             fail("dropout_mask", "no dropout mask when dropout_p == 0", self.dropout_mask)
 
     @property
+    def offset(self) -> int:
+        """The causal offset: query ``i`` may see key ``j`` iff ``j <= i + offset``."""
+        return self.seq_kv - self.seq_q if self.causal_offset is None else self.causal_offset
+
+    @property
+    def top_left_causal(self) -> bool:
+        """Causal with offset 0: what SDPA's ``is_causal`` and cuDNN compute."""
+        return self.causal and self.offset == 0
+
+    @property
     def gqa_ratio(self) -> int:
         """Query heads per KV head (1 = MHA, ``heads_q`` = MQA)."""
         return self.heads_q // self.heads_kv
 
     def flops(self, *, backward: bool = False) -> float:
-        """FLOPs at 2 per multiply-add: ``2*B*Hq*Sq*Skv*(D+Dv)`` forward, halved for causal,
+        """FLOPs at 2 per multiply-add: ``2*B*Hq*Sq*Skv*(D+Dv)`` forward, halved for causal (roughly),
         times 3.5 with backward (backward = 2.5x forward)."""
         forward = 2.0 * self.batch * self.heads_q * self.seq_q * self.seq_kv * (self.head_dim + self.head_dim_v)
         if self.causal:

@@ -7,15 +7,15 @@ Example::
     print(report.dumps())
 """
 
-from attnkit.optimize.api import backend_uses, measure_latency, optimize
+from attnkit.optimize.api import measure_latency, optimize
 from attnkit.optimize.config import PRESETS, OptimizeConfig
-from attnkit.optimize.core import AttentionCore, BackendDecision
 from attnkit.optimize.equivalence import check_equivalence
-from attnkit.optimize.families import FAMILIES, Family, match_family
-from attnkit.optimize.hf_attention import HFAttention
+from attnkit.optimize.fuse import FusedLinear, FusedProjection, FusionGroup, FusionPlan, FusionRefusal, apply_fusion, plan_fusion
+from attnkit.optimize.hf_interface import ATTNKIT, ATTNKIT_EAGER_MASKS, InterfaceCall, attnkit_attention_forward, record_calls, register
 from attnkit.optimize.report import BackendUse, Check, Latency, OptimizationReport
 from attnkit.optimize.patchify import PatchifyGEMM, is_patchify
 from attnkit.optimize.rewrite import Rewrite, Skip, rewrite_modules
+from attnkit.optimize.save import load_optimized, save_optimized
 from attnkit.optimize.select import Candidate, Selection, pick, select_variant
 
 __all__ = [
@@ -23,6 +23,9 @@ __all__ = [
     "optimize",
     "OptimizeConfig",
     "PRESETS",
+    # saving and reloading
+    "save_optimized",
+    "load_optimized",
     # the report
     "OptimizationReport",
     "Rewrite",
@@ -36,15 +39,23 @@ __all__ = [
     "rewrite_modules",
     "check_equivalence",
     "measure_latency",
-    "backend_uses",
-    "HFAttention",
-    "AttentionCore",
-    "BackendDecision",
-    "Family",
-    "FAMILIES",
-    "match_family",
     "PatchifyGEMM",
     "is_patchify",
     "select_variant",
     "pick",
+    # projection fusion
+    "plan_fusion",
+    "apply_fusion",
+    "FusionPlan",
+    "FusionGroup",
+    "FusionRefusal",
+    "FusedLinear",
+    "FusedProjection",
+    # transformers' attention interface
+    "ATTNKIT",
+    "ATTNKIT_EAGER_MASKS",
+    "attnkit_attention_forward",
+    "register",
+    "record_calls",
+    "InterfaceCall",
 ]

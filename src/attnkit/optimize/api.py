@@ -13,13 +13,15 @@ from attnkit.errors import check_arg, check_type
 from attnkit.nn import MultiHeadAttention
 from attnkit.ops import BACKENDS, AttentionSpec, select_backend
 from attnkit.optimize.config import OptimizeConfig, parse_dtype
-from attnkit.optimize.core import AttentionCore
 from attnkit.optimize.equivalence import check_equivalence
+from attnkit.optimize.fuse import apply_fusion, plan_fusion
+from attnkit.optimize.hf_interface import record_calls
+from attnkit.optimize.hf_models import Switch, backend_uses, describe_calls, revert, switch_to_attnkit
 from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
-from attnkit.optimize.rewrite import ModuleFilterFn, rewrite_modules
+from attnkit.optimize.rewrite import ModuleFilterFn, Skip, nested_tensor_twin, rewrite_modules
 from attnkit.optimize.select import select_variant
 
-__all__ = ["optimize", "backend_uses", "measure_latency"]
+__all__ = ["optimize", "measure_latency"]
 
 
 def optimize(
@@ -40,8 +42,10 @@ def optimize(
 
     - ``nn.MultiheadAttention`` -> ``attnkit.nn.MultiHeadAttention`` (packed in-projection,
       the ``attnkit.ops`` backend, weights computed only when ``need_weights=True``);
-    - transformers BERT, ViT, GPT-2, Llama (GQA, rotary) and T5 (relative bias, cross attention)
-      attention -> :class:`HFAttention` (one GEMM for Q/K/V, or K/V in cross attention);
+    - every transformers model whose attention goes through transformers' ``AttentionInterface``
+      -> ``attn_implementation="attnkit"`` (its own projections, masks, caches and dropout; the
+      attention core on ``attnkit.ops``; see :mod:`attnkit.optimize.hf_interface`); a model or
+      module that cannot switch, or whose every call falls back, is listed in ``report.skipped``;
     - patchify convolutions (``nn.Conv2d`` with stride == kernel size: ViT's patch embedding) ->
       :class:`PatchifyGEMM` (the image reshaped into patches and one GEMM);
     - anything else is left alone and listed in ``report.skipped``.
@@ -57,7 +61,9 @@ def optimize(
         module_filter_fn: ``(module, fqn) -> bool``; only attention modules it accepts are rewritten.
 
     Returns:
-        ``(optimized_model, report)``; ``report.passed`` is False if an equivalence check failed.
+        ``(optimized_model, report)``. If an equivalence check failed, ``report.passed`` and
+        ``report.kept`` are False and the model returned is the original (a copy of it as it was
+        when ``config.inplace``): a rewrite that fails its proof is not kept.
         With ``config.select`` the model is the fastest proven variant (possibly the original,
         unchanged but for ``dtype``), and ``report.selection`` lists every candidate's latency.
 
@@ -87,14 +93,26 @@ def optimize(
     reference = copy.deepcopy(model) if (config.inplace and (config.check or config.measure) and args is not None) else original
     optimized, rewrites, skips = rewrite_modules(working, config, module_filter_fn)
     report = OptimizationReport(model=type(model).__name__, config=config.describe(), rewrites=rewrites, skipped=skips)
-    if rewrites and config.hf_masks == "sdpa":
-        _use_sdpa_masks(optimized, report)
+    if config.rewrite_hf:
+        _use_attention_interface(optimized, args, kwargs, config, module_filter_fn, report)
+    if config.fuse_qkv and args is not None:  # sibling Linears that read the same input -> one GEMM
+        report.fusion = plan_fusion(optimized, args, kwargs, module_filter_fn=module_filter_fn)
+        apply_fusion(optimized, report.fusion)
+    elif config.fuse_qkv:
+        report.notes.append("no example inputs: projections not fused (fusion traces which projections read the same input)")
     if args is None:
         report.notes.append("no example inputs: equivalence not checked, latency not measured")
     elif config.check:  # before the cast: the fp32 check needs the fp32 weights
         model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         check_config = config if config.dtype is not None else dataclasses.replace(config, dtype=model_dtype)
-        report.checks = check_equivalence(reference, optimized, args, kwargs, config=check_config)
+        checked, note = nested_tensor_twin(reference, optimized)
+        report.notes += [note] if note else []
+        report.checks = check_equivalence(checked, optimized, args, kwargs, config=check_config, notes=report.notes)
+        if not report.passed:
+            failed = ", ".join(f"{c.what} {c.mode} {c.dtype}" for c in report.checks if not c.passed)
+            report.kept = False
+            report.notes.append(f"equivalence failed ({failed}): the rewrite is not kept, the original model is returned")
+            return _in_dtype(reference, config.dtype), report
     if config.dtype is not None:
         optimized = optimized.to(config.dtype)
     if args is not None:
@@ -132,21 +150,43 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _use_sdpa_masks(model: nn.Module, report: OptimizationReport) -> None:
-    """Have transformers build SDPA-style masks (None or bool) instead of dense float ones."""
-    for module in model.modules():
-        setter = getattr(module, "set_attn_implementation", None)
-        config = getattr(module, "config", None)
-        if setter is None or config is None:
-            continue
-        before = getattr(config, "_attn_implementation", None)
-        if before != "sdpa":
-            try:
-                setter("sdpa")
-                report.notes.append(f"attn_implementation {before!r} -> 'sdpa': masks are built as None/bool, not dense float tensors")
-            except Exception as error:  # noqa: BLE001 - any refusal only costs speed, never correctness
-                report.notes.append(f"kept attn_implementation {before!r} ({type(error).__name__}: {error})")
-        return
+def _use_attention_interface(model: nn.Module, args, kwargs: dict, config: OptimizeConfig, module_filter_fn, report: OptimizationReport) -> None:
+    """Switch every transformers model in ``model`` to attnkit's attention (in place) and list, from one
+    eval forward on the example inputs, which attention modules attnkit serves and which it cannot."""
+    switches, refused = switch_to_attnkit(model, backend=config.backend, masks=config.hf_masks, module_filter_fn=module_filter_fn)
+    calls, failed = None, []
+    if switches and args is not None:
+        calls, failed = _probe(model, args, kwargs, switches)
+        if calls is None:
+            switches = []
+    rewrites, skips = describe_calls(model, switches, calls)
+    skips += failed
+    handled = [entry.path for entry in (*rewrites, *skips, *refused)]
+    # rewrite_modules lists attention-looking classes it does not swap; the interface decides for
+    # those, and for their containers (BertAttention around BertSelfAttention).
+    report.skipped = [s for s in report.skipped if not any(_nested(s.path, h) for h in handled)] + refused + skips
+    report.rewrites += rewrites
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether module paths ``a`` and ``b`` are the same or one contains the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".") or "" in (a, b)
+
+
+def _probe(model: nn.Module, args: tuple, kwargs: dict, switches: list[Switch]) -> tuple[list | None, list[Skip]]:
+    """The attention calls of one eval forward; if it raised, None, the switches reverted and why."""
+    was_training = model.training
+    model.eval()
+    try:
+        with record_calls() as calls, torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the switched model cannot run these inputs: keep transformers' own
+        revert(switches)
+        reason = f"the forward raised {type(error).__name__}: {error}"
+        return None, [Skip(s.path, type(s.model).__name__, f"with attn_implementation={s.after!r} {reason}") for s in switches]
+    finally:
+        model.train(was_training)
+    return calls, []
 
 
 def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -196,7 +236,7 @@ def _record_backends(model: nn.Module, args: tuple, kwargs: dict, config: Optimi
         if isinstance(module, MultiHeadAttention)
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), record_calls() as calls:
             was_training = model.training
             model.eval()
             model(*_cast(args, config.dtype), **_cast(kwargs, config.dtype))
@@ -204,7 +244,7 @@ def _record_backends(model: nn.Module, args: tuple, kwargs: dict, config: Optimi
     finally:
         for hook in hooks:
             hook.remove()
-    report.backends = backend_uses(model) + mha_uses
+    report.backends = backend_uses(model, calls) + mha_uses
 
 
 def _mha_probe(path: str, uses: list[BackendUse]):
@@ -235,18 +275,6 @@ def _mha_probe(path: str, uses: list[BackendUse]):
         uses.append(BackendUse(path, backend, why, rejected, shape))
 
     return hook
-
-
-def backend_uses(model: nn.Module) -> list[BackendUse]:
-    """Every backend decision the rewritten attentions of ``model`` have made so far."""
-    uses = []
-    for path, module in model.named_modules():
-        if isinstance(module, AttentionCore):
-            for decision in module.decisions.values():
-                s = decision.spec
-                shape = f"B={s['batch']} Hq={s['heads_q']} Hkv={s['heads_kv']} Sq={s['seq_q']} Skv={s['seq_kv']} D={s['head_dim']} {s['dtype']} mask={s['mask']} causal={s['causal']}"
-                uses.append(BackendUse(path.removesuffix(".core"), decision.backend, decision.why, decision.rejected, shape))
-    return uses
 
 
 def measure_latency(original: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, *, config: OptimizeConfig) -> Latency:

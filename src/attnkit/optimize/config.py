@@ -40,11 +40,14 @@ class OptimizeConfig:
     backend: str = "auto"
     """``attnkit.ops`` backend for every rewritten attention (``"auto"`` picks per call shape)."""
     fuse_qkv: bool = True
-    """One GEMM for separate Q/K/V projections (K/V for cross attention)."""
+    """Fuse sibling ``nn.Linear`` layers that read the same tensor into one GEMM (Q/K/V of self
+    attention, K/V of cross attention, gate/up of a gated MLP), found by tracing the example
+    inputs; state-dict keys unchanged (see :mod:`attnkit.optimize.fuse`). Needs example inputs."""
     rewrite_mha: bool = True
     """Rewrite ``torch.nn.MultiheadAttention`` into ``attnkit.nn.MultiHeadAttention``."""
     rewrite_hf: bool = True
-    """Rewrite the attention of recognised transformers families (BERT, ViT, GPT-2, Llama, T5)."""
+    """Switch transformers models to ``attn_implementation="attnkit"`` (their own projections, masks
+    and caches; the attention core on ``attnkit.ops``)."""
     patchify_gemm: bool = True
     """Run patchify convolutions (``nn.Conv2d`` with stride == kernel size, no padding, dilation or
     groups: ViT's patch embedding) as a reshape of the image into patches and one GEMM (exact up to

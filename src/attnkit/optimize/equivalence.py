@@ -13,10 +13,17 @@ Two rules, both stated in every :class:`~attnkit.optimize.report.Check`:
   floor of ``eps(dtype) * 1e-3 * max|ref|`` for tensors the original reproduces exactly. This is
   the FlashAttention rule: a faster kernel may not add more than ordinary rounding does.
 
-Train-mode checks run in training mode with every dropout probability set to 0 (dropout is
-random, so two implementations can only agree with it off); the gradient is that of
-``sum(out_i * w_i)`` with fixed random ``w_i`` and is compared per parameter under the
-original's state-dict names (fused ``qkv`` gradients are split back).
+Train-mode checks run in training mode with every stochastic part off (dropout probabilities
+and layer-drop rates set to 0, stochastic-depth modules in eval) and the random stream seeded
+identically for both models; the gradient is that of ``sum(out_i * w_i)`` with fixed random
+``w_i`` and is compared per parameter under the original's state-dict names (fused parameters are
+split back by their state-dict hooks). A separate ``dropout`` check then runs both models in
+training mode with only the dropout that is not a called ``nn.Dropout`` module left on (attention
+dropout, which transformers passes to the attention function): the rewrite must be random
+exactly when the original is.
+
+Token inputs without an ``attention_mask`` get a second eval check with right padding, and
+decoders get the cached-decoding and ``generate()`` checks of :mod:`attnkit.optimize.decoding`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -31,13 +39,15 @@ from torch import nn
 
 from attnkit.nn import MultiHeadAttention
 from attnkit.optimize.config import OptimizeConfig
-from attnkit.optimize.core import AttentionCore
 from attnkit.optimize.report import Check
 
-__all__ = ["check_equivalence", "float_tensors"]
+__all__ = ["check_equivalence", "float_tensors", "named_inputs"]
 
 _FLOOR = 1e-3
-_DROPOUT_FLOATS = ("dropout", "attention_dropout", "dropout_p", "attn_pdrop")
+# Float attributes that attention and layer code read as a probability of dropping something.
+_DROPOUT_FLOATS = ("dropout", "attention_dropout", "dropout_p", "attn_pdrop", "dropout_prob", "layerdrop", "drop_prob")
+# Stochastic-depth modules (timm/transformers DropPath, torchvision StochasticDepth): identity in eval.
+_STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")
 
 
 def float_tensors(value: Any) -> list[torch.Tensor]:
@@ -51,6 +61,25 @@ def float_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """``args`` and ``kwargs`` by the names of ``model.forward``'s parameters (None if they do not bind)."""
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return None
+    named: dict[str, Any] = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL and value:
+            return None
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
@@ -61,18 +90,29 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (modules and the float attributes attention code reads)."""
+def _is_stochastic_depth(module: nn.Module) -> bool:
+    return any(name in type(module).__name__ for name in _STOCHASTIC_DEPTH)
+
+
+def _disable_dropout(model: nn.Module, *, only: set[int] | None = None) -> None:
+    """Turn off every stochastic part of ``model`` (train mode stays on elsewhere).
+
+    Dropout modules and the float probabilities attention code reads are set to 0, layer-drop
+    rates too, stochastic-depth modules are put in eval. With ``only``, just the ``nn.Dropout``
+    modules whose ids are in it (and stochastic depth, layer drop) are turned off.
+    """
     for module in model.modules():
+        if _is_stochastic_depth(module):
+            module.eval()
         if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
+            if only is None or id(module) in only:
+                module.p = 0.0
+            continue
         for name in _DROPOUT_FLOATS:
             value = module.__dict__.get(name)
-            if isinstance(value, float):
+            if isinstance(value, float) and (only is None or name in ("layerdrop", "drop_prob")):
                 setattr(module, name, 0.0)
-        if isinstance(module, AttentionCore):
-            module.dropout_p = 0.0
-        if isinstance(module, MultiHeadAttention):
+        if only is None and isinstance(module, MultiHeadAttention):
             module.config = dataclasses.replace(module.config, dropout=0.0)
 
 
@@ -90,21 +130,25 @@ def _gradients_by_state_key(model: nn.Module, keys: set[str]) -> dict[str, torch
 
 
 @contextlib.contextmanager
-def _full_fp32():
-    """fp32 matmuls and convolutions in full fp32 (no TF32), restored afterwards."""
+def full_fp32(seed: int | None = None):
+    """fp32 matmuls and convolutions in full fp32 (no TF32), and with ``seed`` a private, seeded
+    random stream (so two models draw the same numbers); everything restored afterwards."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        yield
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
 
 
 def _run(model: nn.Module, args: tuple, kwargs: dict, *, dtype: torch.dtype, train: bool, seed: int, keys: set[str]):
-    """(outputs, gradients or None) of a copy of ``model`` in ``dtype`` (fp32 without TF32)."""
-    with _full_fp32():
+    """(outputs, gradients or None) of a copy of ``model`` in ``dtype`` (fp32 without TF32, seeded)."""
+    with full_fp32(seed):
         return _run_copy(model, args, kwargs, dtype=dtype, train=train, seed=seed, keys=keys)
 
 
@@ -137,7 +181,7 @@ def _errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[tuple[floa
     return [(err, max(scale, _FLOOR * largest)) for err, scale in result]
 
 
-def _fp32_check(what: str, mode: str, got, ref, rtol: float) -> Check:
+def fp32_check(what: str, mode: str, got, ref, rtol: float) -> Check:
     errors = _errors(got, ref)
     max_rel = max((err / max(scale, 1e-30) for err, scale in errors), default=0.0)
     max_abs = max((e for e, _ in errors), default=0.0)
@@ -170,35 +214,111 @@ def _dtype_check(what: str, mode: str, dtype: torch.dtype, got, base, ref, facto
 
 
 def check_equivalence(
-    original: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, *, config: OptimizeConfig
+    original: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, *, config: OptimizeConfig, notes: list[str] | None = None
 ) -> list[Check]:
-    """Compare ``optimized`` with ``original`` in eval (and train) mode, fp32 and ``config.dtype``.
+    """Compare ``optimized`` with ``original`` on every path the model is used in.
 
     Both models are copied for each run, so neither is changed. Returns one :class:`Check` per
-    (outputs | gradients) x (eval | train) x (fp32 | target dtype).
+    (outputs | gradients) x (eval | train) x (fp32 | target dtype), plus: eval outputs with right
+    padding (token inputs given without a mask), ``dropout`` in train mode, and for decoders the
+    cached-decoding and ``generate()`` checks (fp32). What could not be checked is appended to ``notes``.
     """
+    from attnkit.optimize.decoding import decoding_checks
+
     keys = {name for name, _ in original.named_parameters()}
     trainable = config.check_training and any(p.requires_grad for p in original.parameters())
     modes = ("eval", "train") if trainable else ("eval",)
     checks: list[Check] = []
     for mode in modes:
-        train = mode == "train"
-        options = dict(train=train, seed=config.seed, keys=keys)
-        orig_out, orig_grad = _run(original, args, kwargs, dtype=torch.float32, **options)
-        opt_out, opt_grad = _run(optimized, args, kwargs, dtype=torch.float32, **options)
-        checks.append(_fp32_check("outputs", mode, opt_out, orig_out, config.fp32_rtol))
-        if train:
-            names = sorted(orig_grad)
-            checks.append(_fp32_check("gradients", mode, [opt_grad[n] for n in names], [orig_grad[n] for n in names], 10 * config.fp32_rtol))
-        dtype = config.dtype
-        if dtype is None or dtype in (torch.float32, torch.float64):
-            continue
-        ref_out, ref_grad = _run(original, args, kwargs, dtype=torch.float64, **options)
-        base_out, base_grad = _run(original, args, kwargs, dtype=dtype, **options)
-        low_out, low_grad = _run(optimized, args, kwargs, dtype=dtype, **options)
-        checks.append(_dtype_check("outputs", mode, dtype, low_out, base_out, ref_out, config.dtype_factor))
-        if train:
-            names = sorted(ref_grad)
-            pick = lambda grads: [grads[n] for n in names]  # noqa: E731
-            checks.append(_dtype_check("gradients", mode, dtype, pick(low_grad), pick(base_grad), pick(ref_grad), 1.5 * config.dtype_factor))
+        checks += _mode_checks(original, optimized, args, kwargs, mode, config, keys)
+    padded = _padded(original, args, kwargs)
+    if padded is not None:
+        checks += _mode_checks(original, optimized, *padded, "eval+padding", config, keys)
+    if trainable:
+        checks += _dropout_checks(original, optimized, args, kwargs, config.seed)
+    decoding, skipped = decoding_checks(original, optimized, args, kwargs, rtol=config.fp32_rtol, seed=config.seed)
+    if notes is not None:
+        notes.extend(skipped)
+    return checks + decoding
+
+
+def _mode_checks(original, optimized, args, kwargs, mode: str, config: OptimizeConfig, keys: set[str]) -> list[Check]:
+    train = mode == "train"
+    options = dict(train=train, seed=config.seed, keys=keys)
+    orig_out, orig_grad = _run(original, args, kwargs, dtype=torch.float32, **options)
+    opt_out, opt_grad = _run(optimized, args, kwargs, dtype=torch.float32, **options)
+    checks = [fp32_check("outputs", mode, opt_out, orig_out, config.fp32_rtol)]
+    if train:
+        names = sorted(orig_grad)
+        checks.append(fp32_check("gradients", mode, [opt_grad[n] for n in names], [orig_grad[n] for n in names], 10 * config.fp32_rtol))
+    dtype = config.dtype
+    if dtype is None or dtype in (torch.float32, torch.float64):
+        return checks
+    ref_out, ref_grad = _run(original, args, kwargs, dtype=torch.float64, **options)
+    base_out, base_grad = _run(original, args, kwargs, dtype=dtype, **options)
+    low_out, low_grad = _run(optimized, args, kwargs, dtype=dtype, **options)
+    checks.append(_dtype_check("outputs", mode, dtype, low_out, base_out, ref_out, config.dtype_factor))
+    if train:
+        names = sorted(ref_grad)
+        pick = lambda grads: [grads[n] for n in names]  # noqa: E731
+        checks.append(_dtype_check("gradients", mode, dtype, pick(low_grad), pick(base_grad), pick(ref_grad), 1.5 * config.dtype_factor))
     return checks
+
+
+def _padded(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with a right-padding ``attention_mask`` (sequence b loses its last b+1 tokens,
+    at least one kept), when the model takes token ids and a mask and none was given."""
+    named = named_inputs(model, args, kwargs)
+    if named is None or "attention_mask" not in inspect.signature(model.forward).parameters or named.get("attention_mask") is not None:
+        return None
+    ids = named.get("input_ids")
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() and ids.shape[1] > 1):
+        return None
+    mask = torch.ones_like(ids)
+    for b in range(ids.shape[0]):
+        mask[b, max(1, ids.shape[1] - b - 1) :] = 0
+    return (), {**named, "attention_mask": mask}
+
+
+def _called_dropouts(model: nn.Module, args: tuple, kwargs: dict) -> set[int]:
+    """Ids of the ``nn.Dropout`` modules a train-mode forward of ``model`` calls (hidden-state dropout)."""
+    called: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda module, *_: called.add(id(module)))
+        for m in model.modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd)
+    ]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return called
+
+
+def _stochastic(model: nn.Module, args: tuple, kwargs: dict, seed: int) -> tuple[bool, float]:
+    """Whether two train-mode forwards of a copy of ``model`` (attention dropout on, every called
+    ``nn.Dropout``, layer drop and stochastic depth off) differ, and ``max|run1 - run2| / max|run1|``."""
+    model = copy.deepcopy(model).train()
+    runs = []
+    for offset in (0, 1):
+        with full_fp32(seed + offset), torch.no_grad():
+            if offset == 0:
+                _disable_dropout(model, only=_called_dropouts(model, args, kwargs))
+            runs.append(float_tensors(model(*args, **kwargs)))
+    diff = max(((a - b).abs().max().item() for a, b in zip(*runs) if a.numel()), default=0.0)
+    scale = max((a.abs().max().item() for a in runs[0] if a.numel()), default=0.0)
+    return diff > 0, diff / max(scale, 1e-30)
+
+
+def _dropout_checks(original: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, seed: int) -> list[Check]:
+    """Attention dropout survives the rewrite: random in train mode exactly when the original is
+    (no check when neither is)."""
+    orig_random, _ = _stochastic(original, args, kwargs, seed)
+    opt_random, change = _stochastic(optimized, args, kwargs, seed)
+    if not (orig_random or opt_random):
+        return []
+    rule = "train mode random iff the original is (attention dropout kept)"
+    passed = orig_random == opt_random
+    return [Check("dropout", "train", "float32", change, change, 0.0, rule, passed, ratio=0.0 if passed else float("inf"))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from attnkit.optimize.fuse import FusionPlan
 from attnkit.optimize.rewrite import Rewrite, Skip
 from attnkit.optimize.select import Selection
 
@@ -80,15 +81,26 @@ class OptimizationReport:
     selection: Selection | None = None
     """With ``config.select``: every candidate timed and the one returned."""
     notes: list[str] = field(default_factory=list)
+    kept: bool = True
+    """False when an equivalence check failed and ``optimize`` returned the original model instead."""
+    fusion: FusionPlan | None = None
+    """Sibling projections fused into one GEMM, and the ones left separate with the reason (None: not tried)."""
 
     @property
     def passed(self) -> bool:
         """Every equivalence check passed (True when none ran)."""
         return all(check.passed for check in self.checks)
 
+    @property
+    def rewritten(self) -> int:
+        """How many modules run rewritten in the returned model: 0 when nothing was rewritten or
+        the rewrite was not kept (a caller should then say so and exit non-zero)."""
+        return len(self.rewrites) if self.kept else 0
+
     def to_json(self) -> dict:
         record = asdict(self)
         record["passed"] = self.passed
+        record["rewritten"] = self.rewritten
         if self.latency is not None:
             record["latency"]["speedup"] = self.latency.speedup
         return record
@@ -146,6 +158,15 @@ class OptimizationReport:
                 ratio = f"{eager_ms / c.median_ms:.2f}x" if c.median_ms and eager_ms else "-"
                 name = f"[bold]{c.name}[/bold]" if c.name == self.selection.picked else c.name
                 table.add_row(name, ms, ratio, "yes" if c.eligible else "no", c.note)
+            parts.append(table)
+        if self.fusion is not None and (self.fusion.groups or self.fusion.refused):
+            table = Table(title="projections fused (one GEMM per group)", title_justify="left")
+            for column in ("module", "projections", "result"):
+                table.add_column(column)
+            for g in self.fusion.groups:
+                table.add_row(g.parent or "<root>", " + ".join(f"{n} ({w})" for n, w in zip(g.members, g.widths)), "fused")
+            for r in self.fusion.refused:
+                table.add_row(r.parent or "<root>", ", ".join(r.members), f"left separate: {r.reason}")
             parts.append(table)
         for skip in self.skipped:
             parts.append(f"left alone: {skip.path} ({skip.module_class}): {skip.reason}")

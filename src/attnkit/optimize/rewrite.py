@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from attnkit.nn import from_torch
+from attnkit.nn import MultiHeadAttention, from_torch
 from attnkit.optimize.config import OptimizeConfig
-from attnkit.optimize.families import match_family
-from attnkit.optimize.hf_attention import HFAttention
 from attnkit.optimize.patchify import PatchifyGEMM, is_patchify
+from attnkit.utils import ModuleFilterFn, swap_modules
 
-__all__ = ["Rewrite", "Skip", "ModuleFilterFn", "rewrite_modules"]
-
-ModuleFilterFn = Callable[[nn.Module, str], bool]
-"""``(module, fqn) -> bool``: whether to rewrite ``module`` (an attention or a patchify convolution), found at dotted path ``fqn``."""
+__all__ = ["Rewrite", "Skip", "ModuleFilterFn", "rewrite_modules", "nested_tensor_twin"]
 
 _ATTENTION_LIKE = re.compile(r"attn|attention", re.IGNORECASE)
+_UNRECOGNISED = "not nn.MultiheadAttention, and not the attention of a transformers model that switched to attn_implementation='attnkit'"
 
 
 @dataclass(frozen=True)
@@ -42,13 +39,6 @@ class Skip:
     reason: str
 
 
-def _describe_hf(module: HFAttention) -> str:
-    core = module.core
-    projection = {"fused": "Q/K/V fused into one GEMM", "packed": "already packed Q/K/V kept", "separate": "separate Q/K/V kept"}
-    heads = f"{core.num_heads} heads" + (f", {core.num_kv_heads} KV heads (GQA)" if core.num_kv_heads != core.num_heads else "")
-    return f"{projection[module.projection]}; {heads} x {core.head_dim}; scale {core.scale:.4g}"
-
-
 def _convert(module: nn.Module, config: OptimizeConfig) -> tuple[nn.Module | None, str, str]:
     """(replacement or None, family, detail or the reason it was not converted)."""
     if isinstance(module, nn.MultiheadAttention):
@@ -56,12 +46,6 @@ def _convert(module: nn.Module, config: OptimizeConfig) -> tuple[nn.Module | Non
             return None, "torch", "rewrite_mha=False"
         new = from_torch(module, backend=config.backend)
         return new, "torch", f"packed in-projection, {module.num_heads} heads; weights only when need_weights=True"
-    family = match_family(module)
-    if family is not None:
-        if not config.rewrite_hf:
-            return None, family.name, "rewrite_hf=False"
-        new = HFAttention.from_original(module, family, fuse_qkv=config.fuse_qkv, backend=config.backend)
-        return new, family.name, _describe_hf(new)
     if is_patchify(module):
         if not config.patchify_gemm:
             return None, "conv", "patchify_gemm=False"
@@ -69,50 +53,87 @@ def _convert(module: nn.Module, config: OptimizeConfig) -> tuple[nn.Module | Non
         new = PatchifyGEMM.from_conv(module)
         detail = f"stride == kernel {kh}x{kw}: patches by reshape + one GEMM ({module.in_channels * kh * kw} -> {module.out_channels})"
         return new, "conv", detail
-    return None, "", "not a recognised attention class (see attnkit.optimize.FAMILIES)"
+    return None, "", _UNRECOGNISED
 
 
 def _rewritable(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or match_family(module) is not None or is_patchify(module)
+    return isinstance(module, nn.MultiheadAttention) or is_patchify(module)
 
 
 def rewrite_modules(model: nn.Module, config: OptimizeConfig, module_filter_fn: ModuleFilterFn | None = None) -> tuple[nn.Module, list[Rewrite], list[Skip]]:
-    """Rewrite ``model`` in place; return ``(model or its replacement if the root was rewritten, rewrites, skips)``."""
+    """Rewrite ``model`` in place; return ``(model or its replacement if the root was rewritten, rewrites, skips)``.
+
+    The walk is :func:`attnkit.utils.swap_modules` (shared modules stay shared). Every
+    ``nn.TransformerEncoder`` whose layers now hold attnkit attention gets ``use_nested_tensor = False``:
+    in eval with a ``src_key_padding_mask`` it would otherwise pack the batch into a nested tensor,
+    which only torch's own attention accepts.
+    """
     rewrites: list[Rewrite] = []
     skips: list[Skip] = []
-    replaced: dict[int, nn.Module] = {}  # a module shared by several parents stays shared
 
-    def visit(module: nn.Module, path: str) -> nn.Module | None:
-        if id(module) in replaced:
-            return replaced[id(module)]
-        if not _rewritable(module):
-            return None
-        if module_filter_fn is not None and not module_filter_fn(module, path):
-            skips.append(Skip(path, type(module).__name__, "module_filter_fn returned False"))
+    def factory(module: nn.Module, fqn: str) -> nn.Module | None:
+        if module_filter_fn is not None and not module_filter_fn(module, fqn):
+            skips.append(Skip(fqn, type(module).__name__, "module_filter_fn returned False"))
             return None
         new, family, detail = _convert(module, config)
         if new is None:
-            skips.append(Skip(path, type(module).__name__, detail))
+            skips.append(Skip(fqn, type(module).__name__, detail))
             return None
-        replaced[id(module)] = new
-        rewrites.append(Rewrite(path, type(module).__name__, type(new).__name__, family, detail))
+        rewrites.append(Rewrite(fqn, type(module).__name__, type(new).__name__, family, detail))
         return new
 
-    root = visit(model, "")
-    if root is not None:
-        return root, rewrites, skips
-    touched: list[str] = []
-    for parent_path, parent in list(model.named_modules()):
-        if any(parent_path == p or parent_path.startswith(p + ".") for p in touched):
-            continue  # inside a module that was just replaced
-        for name, child in list(parent.named_children()):
-            path = f"{parent_path}.{name}" if parent_path else name
-            new = visit(child, path)
-            if new is not None:
-                setattr(parent, name, new)
-                touched.append(path)
-    _list_unrecognised(model, touched, skips)
+    result = swap_modules(model, lambda module, fqn: _rewritable(module), factory)
+    if result is not model:
+        return result, rewrites, skips
+    rewrites = _without_nested_tensors(model, rewrites)
+    _list_unrecognised(model, [r.path for r in rewrites], skips)
     return model, rewrites, skips
+
+
+def _without_nested_tensors(model: nn.Module, rewrites: list[Rewrite]) -> list[Rewrite]:
+    """Turn off the nested-tensor path of encoders whose attention was rewritten; say so in their rewrites."""
+    encoders = [
+        path for path, module in model.named_modules()
+        if isinstance(module, nn.TransformerEncoder)
+        and any(isinstance(getattr(layer, "self_attn", None), MultiHeadAttention) for layer in module.layers)
+    ]  # fmt: skip
+    for path in encoders:
+        model.get_submodule(path).use_nested_tensor = False
+    note = "; nested-tensor fast path of the enclosing nn.TransformerEncoder turned off (padding stays padded)"
+    return [
+        replace(r, detail=r.detail + note) if any(path == "" or r.path.startswith(path + ".") for path in encoders) else r
+        for r in rewrites
+    ]
+
+
+def nested_tensor_twin(reference: nn.Module, rewritten: nn.Module) -> tuple[nn.Module, str | None]:
+    """``reference`` as the equivalence check should run it, and a note when that differs from it.
+
+    Where :func:`rewrite_modules` turned an encoder's nested-tensor path off, the original's eval
+    outputs at padded positions are zeros (the nested path drops them) while the rewritten model,
+    like torch's own padded path, computes them from the valid keys. The check then compares
+    against a copy of ``reference`` with the same encoders' nested path off: torch computes valid
+    positions identically on both paths, so every position can be compared.
+    """
+    paths = [
+        path for path, module in rewritten.named_modules()
+        if isinstance(module, nn.TransformerEncoder) and not module.use_nested_tensor
+    ]  # fmt: skip
+    turned = [path for path in paths if getattr(_submodule(reference, path), "use_nested_tensor", False)]
+    if not turned:
+        return reference, None
+    twin = copy.deepcopy(reference)
+    for path in turned:
+        twin.get_submodule(path).use_nested_tensor = False
+    where = ", ".join(path or "<root>" for path in turned)
+    return twin, f"checked against the original with the nested-tensor path of {where} off (as rewritten; padded positions are then computed, not zeroed)"
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _list_unrecognised(model: nn.Module, touched: list[str], skips: list[Skip]) -> None:
@@ -123,5 +144,5 @@ def _list_unrecognised(model: nn.Module, touched: list[str], skips: list[Skip]) 
             continue
         if any(k == path or k.startswith(path + ".") or path.startswith(k + ".") for k in known):
             continue
-        skips.append(Skip(path, type(module).__name__, "not a recognised attention class (see attnkit.optimize.FAMILIES)"))
+        skips.append(Skip(path, type(module).__name__, _UNRECOGNISED))
         known.append(path)
