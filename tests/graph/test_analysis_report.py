@@ -81,10 +81,13 @@ def test_profile_records_feed_measured_numbers(tmp_path):
         "eager": {"kernels": 100.0, "latency_ms": 10.0, "batch": 64, "device": "NVIDIA H100"}}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_profile_needs_a_gpu():
-    from attnkit.errors import UnsupportedError
-    from attnkit.graph import profile_models
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_profile_without_a_gpu_measures_cpu_latency():
+    """Without CUDA, profile times eager forwards on this CPU (no kernel counts) beside the predictions."""
+    from attnkit.graph import load_hardware, profile_models
 
-    with pytest.raises(UnsupportedError, match="CUDA"):
-        profile_models(["gpt2"])
+    result = profile_models(["tests.cli.test_analyze_cli:tiny_bert"], batches=(1,), dtype=torch.float32,
+                            hardware=load_hardware("cpu"), modes=("eager",), log=lambda _: None)
+    (record,) = result.records
+    assert "threads)" in result.device and record.note == ""
+    assert record.measured_kernels is None and record.measured_ms > 0 and record.predicted_ms > 0

@@ -79,14 +79,52 @@ def test_capture_error_names_construct_and_hint(model, construct, hint):
     assert "Traceback" not in message
 
 
-def test_transformers_kv_cache_output_gets_use_cache_hint():
+def _tiny_hf(name):
+    """(model, kwargs) of a tiny Hugging Face decoder or encoder-decoder with random weights."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
-    model = transformers.GPT2Model(config)
-    ids = torch.randint(0, 64, (1, 6))
+    ids = torch.randint(3, 64, (2, 6))
+    tokens = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    seq2seq = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                   encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=1)
+    configs = {
+        "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, **tokens), {}),
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**decoder, **tokens), {}),
+        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(**decoder, **tokens), {}),
+        "t5": (transformers.T5ForConditionalGeneration,
+               transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, **tokens),
+               {"decoder_input_ids": ids[:, :4]}),
+        "bart": (transformers.BartForConditionalGeneration,
+                 transformers.BartConfig(**seq2seq, max_position_embeddings=32, **tokens), {"decoder_input_ids": ids[:, :4]}),
+        "whisper": (transformers.WhisperForConditionalGeneration,
+                    transformers.WhisperConfig(**seq2seq, num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+                                               **tokens), {"decoder_input_ids": ids[:, :4]}),
+    }
+    cls, config, kwargs = configs[name]
+    first = {"input_features": torch.randn(2, 8, 32)} if name == "whisper" else {"input_ids": ids}
+    return cls(config).eval(), {**first, **kwargs}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "t5", "bart", "whisper"])
+def test_transformers_decoders_capture_without_extra_kwargs(name):
+    """Decoders return a KV cache unless told not to; capture says use_cache=False for them."""
+    from attnkit.graph.attention import find_attention
+
+    model, kwargs = _tiny_hf(name)
+    captured = capture(model, (), kwargs)
+    assert captured.example_kwargs["use_cache"] is False and "use_cache" not in kwargs
+    sites = find_attention(captured)
+    assert len(sites) == (6 if name in ("t5", "bart", "whisper") else 2)
+    assert any(site.causal for site in sites)
+    with torch.no_grad():  # the graph computes what the model does (its cache-free outputs)
+        expected = model(**kwargs, use_cache=False).logits
+        torch.testing.assert_close(captured.graph_module(**captured.example_kwargs).logits, expected)
+
+
+def test_an_explicit_use_cache_is_kept():
+    model, kwargs = _tiny_hf("gpt2")
     with pytest.raises(CaptureError, match="use_cache=False"):
-        capture(model, (ids,))
-    assert capture(model, (ids,), {"use_cache": False}).num_nodes > 0
+        capture(model, (), {**kwargs, "use_cache": True})
 
 
 def test_capture_rejects_non_module():

@@ -3,7 +3,7 @@
 The H100 run failed on BERT and GPT-2 with "Expected all tensors to be on the same device": the
 mask analysis built a CPU causal pattern and combined it with mask values evaluated on cuda:0.
 Without a second device on the CPU runners, two checks stand in: every tensor factory in the
-analysis code names its device, and ``_evaluate`` hands the mask analysis CPU tensors.
+analysis code names its device, and ``mask_values.evaluate`` hands the mask analysis CPU tensors.
 """
 
 import ast
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnkit.graph
-from attnkit.graph import attention
+from attnkit.graph import attention, mask_values
 from attnkit.graph.capture import capture
 
 _FACTORIES = {"ones", "zeros", "full", "empty", "arange", "tensor", "rand", "randn", "randint", "eye", "linspace",
@@ -44,5 +44,5 @@ def test_mask_values_reach_the_analysis_on_the_cpu():
               "use_cache": False}
     captured = capture(model, (), kwargs)
     cores = [attention._sdpa_core(n) for n in captured.graph_module.graph.nodes if attention.op_name(n) in attention.SDPA_OPS]
-    values = attention._evaluate(captured, [mask for core in cores for mask, _ in core.masks])
+    values = mask_values.evaluate(captured, [mask for core in cores for mask, _ in core.masks])
     assert values and all(v.device.type == "cpu" and not v.requires_grad for v in values.values())

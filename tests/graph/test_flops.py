@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.flop_counter
 
 from attnkit.graph.capture import capture
 from attnkit.graph.flops import count_ops
@@ -44,6 +45,25 @@ def test_conv_and_matmul_and_einsum():
     a, b = torch.randn(4, 9, 11), torch.randn(4, 11, 13)
     gemms = [o for o in _ops(_Products(), a, b) if o.category == "gemm"]
     assert [o.flops for o in gemms] == [2 * 4 * 9 * 11 * 13] * 2
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (torch.nn.ConvTranspose2d(4, 6, kernel_size=3, stride=2, groups=2), (2, 4, 5, 7)),
+        (torch.nn.ConvTranspose1d(3, 5, kernel_size=4, stride=3, output_padding=1), (2, 3, 9)),
+        (torch.nn.ConvTranspose3d(2, 4, kernel_size=2, stride=2), (1, 2, 3, 4, 5)),
+        (torch.nn.Conv2d(4, 6, kernel_size=3, groups=2, padding=1), (2, 4, 5, 7)),
+    ],
+    ids=["transpose2d-groups", "transpose1d", "transpose3d", "conv2d-groups"],
+)
+def test_convolutions_match_flop_counter(module, shape):
+    """Transposed convolutions spread each input element over Cout/g * k outputs (they counted 0 before)."""
+    x = torch.randn(*shape)
+    (op,) = [o for o in _ops(module, x) if o.category == "conv"]
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        module(x)
+    assert op.flops == op.dense_flops == counter.get_total_flops() > 0
 
 
 @pytest.mark.parametrize("causal", [False, True])

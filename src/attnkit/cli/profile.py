@@ -18,14 +18,28 @@ def register(app: typer.Typer) -> None:
     def profile_command(
         models: List[str] = typer.Argument(..., help="Zoo names or package.module:function."),
         batch: List[int] = typer.Option([1, 64], "--batch", min=1, help="Batch sizes (repeat the option)."),
-        dtype: str = typer.Option("bf16", "--dtype", help="Model and analysis dtype."),
-        hardware: str = typer.Option("h100", "--hardware", help="Profile for the predictions, or a calibrate JSON."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Model and analysis dtype (default: bf16 on a GPU, fp32 on CPU)."),
+        hardware: Optional[str] = typer.Option(
+            None, "--hardware",
+            help="Profile for the predictions, or a calibrate JSON (default: h100 on a GPU; without one the models run "
+                 "on this CPU and `this`, its measured profile, is the default)."),
         eager_only: bool = typer.Option(False, "--eager-only", help="Skip torch.compile."),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON."),
     ) -> None:
-        """Count CUDA kernels and time forwards (eager, torch.compile) and compare with the predictions."""
+        """Count CUDA kernels and time forwards (eager, torch.compile) and compare with the predictions
+        (without a GPU: eager latency on this CPU)."""
+        from attnkit.cli._inputs import check_inputs
+
+        check_inputs(models=models, batch=batch, hardware=hardware, outputs={"--json": json_path})
+
+        import torch
+
         from attnkit.graph import parse_dtype, profile_models
 
+        gpu = torch.cuda.is_available()
+        dtype = dtype or ("bf16" if gpu else "fp32")
+        hardware = hardware or ("h100" if gpu else "this")
+        eager_only = eager_only or not gpu  # torch.compile on CPU needs a C++ toolchain and is not what the profile models
         console = Console(stderr=True)
         with console.status("profiling") as status:
             result = profile_models(models, batches=batch, dtype=parse_dtype(dtype), hardware=hardware,

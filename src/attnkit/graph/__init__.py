@@ -3,6 +3,7 @@
 from attnkit.graph.analyze import analyze
 from attnkit.graph.attention import AttentionSite, find_attention
 from attnkit.graph.calibrate import calibrate
+from attnkit.graph.calibrate_cpu import calibrate_cpu
 from attnkit.graph.capture import CapturedGraph, capture
 from attnkit.graph.cost import KernelCost, ModeCost, estimate
 from attnkit.graph.decompose import DecomposedGraph, decompose_attention
@@ -13,6 +14,7 @@ from attnkit.graph.partition import MODES, Kernel, Partition, PartitionConfig, p
 from attnkit.graph.profile import ProfileRecord, ProfileResult, load_measured, profile_models
 from attnkit.graph.render import render_report
 from attnkit.graph.report import SCHEMA_VERSION, AnalysisReport
+from attnkit.graph.this_machine import this_machine
 
 __all__ = [
     # entry point
@@ -24,6 +26,6 @@ __all__ = [
     "HardwareProfile", "list_hardware", "load_hardware", "parse_dtype", "KernelCost", "ModeCost", "estimate",
     # reports
     "SCHEMA_VERSION", "AnalysisReport", "render_report", "to_html",
-    # GPU measurement
-    "calibrate", "profile_models", "ProfileRecord", "ProfileResult", "load_measured",
+    # measurement (GPU, or this CPU)
+    "calibrate", "calibrate_cpu", "this_machine", "profile_models", "ProfileRecord", "ProfileResult", "load_measured",
 ]

@@ -23,6 +23,8 @@ __all__ = ["analyze"]
 
 Progress = Callable[[str], ContextManager]
 """Called with a step description; the returned context manager wraps the step (e.g. a spinner)."""
+Probe = Callable[[], tuple[torch.nn.Module, Sequence[Any], dict[str, Any]]]
+"""Returns ``(model, inputs, kwargs)`` of the analysed model at a short sequence, with real tensors."""
 
 _NOTES = (
     "compiled = torch.compile's default mode: pointwise/reduction chains fused into Triton kernels, views free, "
@@ -43,6 +45,7 @@ def analyze(
     name: str | None = None,
     measured: dict | None = None,
     progress: Progress | None = None,
+    probe: Probe | None = None,
 ) -> AnalysisReport:
     """Where a model's forward spends FLOPs, bytes, kernels and time, per execution mode.
 
@@ -57,6 +60,11 @@ def analyze(
         measured: measured kernels/latency per mode to show beside the predictions
             (``{"eager": {"kernels": 162, "latency_ms": 7.6, "batch": 1}}``).
         progress: optional step wrapper for a progress display.
+        probe: returns ``(model, inputs, kwargs)``: the same model at a short sequence with real tensors.
+            Called only when mask values are needed and the example has none (``meta`` tensors) or its
+            masks are too large to evaluate (over ``MASK_VALUE_BUDGET`` elements); the masks' values on
+            it decide causality and padding (see :mod:`attnkit.graph.attention`). Everything else is
+            counted on the example's shapes, so ``model`` and inputs may live on the ``meta`` device.
     Returns:
         An :class:`AnalysisReport`.
 
@@ -80,7 +88,8 @@ def analyze(
     dtype = dtype or captured.dtype
     seconds["capture"], mark = time.perf_counter() - mark, time.perf_counter()
     with step("finding attention"):
-        sites = find_attention(captured)
+        probed: list[str] = []
+        sites = find_attention(captured, probe=probe and (lambda: _capture_probe(probe, probed)))
     seconds["find_attention"], mark = time.perf_counter() - mark, time.perf_counter()
     with step("partitioning and costing"):
         graph = captured.graph_module.graph
@@ -108,8 +117,27 @@ def analyze(
         measured=dict(measured or {}),
         inputs=_shapes(captured.example_inputs, captured.example_kwargs),
         seconds={k: round(v, 3) for k, v in seconds.items()},
-        notes=_NOTES,
+        notes=_NOTES + tuple(probed) + _evidence_notes(sites),
     )
+
+
+def _capture_probe(probe: Probe, notes: list[str]):
+    """Capture the probe; a probe that fails is noted and skipped (masks are then read from the graph)."""
+    try:
+        model, inputs, kwargs = probe()
+        captured = capture(model, inputs, kwargs)
+    except Exception as error:  # the probe only refines mask kinds: never lose the analysis to it
+        notes.append(f"mask probe failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}).")
+        return None
+    notes.append(f"mask values read on a probe with inputs {_shapes(captured.example_inputs, captured.example_kwargs)}.")
+    return captured
+
+
+def _evidence_notes(sites) -> tuple[str, ...]:
+    if any(site.mask_evidence == "graph" for site in sites):
+        return ("some masks have no values (meta tensors or too large) and no probe: their causality comes only "
+                "from is_causal flags (mask_evidence='graph').",)
+    return ()
 
 
 def _summary(part: Partition, cost: ModeCost) -> ModeSummary:

@@ -1,18 +1,27 @@
 """Find every attention in a captured ATen graph.
 
 Three forms are recognised: SDPA nodes (``aten.scaled_dot_product_attention`` and the
-``aten._scaled_dot_product_*`` kernels), hand-written ``matmul -> (scale) -> (mask) -> softmax
--> (dropout) -> matmul`` chains (``attn_implementation="eager"`` models, and
+``aten._scaled_dot_product_*`` kernels), hand-written ``matmul -> (scale) -> (soft-cap) -> (mask)
+-> softmax -> (dropout) -> matmul`` chains (``attn_implementation="eager"`` models, and
 ``nn.MultiheadAttention`` when it returns weights), and ``nn.MultiheadAttention`` itself, which
 torch.export (checked on 2.13) lowers to one of the other two (named after the module via
-``nn_module_stack``).
+``nn_module_stack``). In a chain the GEMMs may be ``matmul``/``bmm``, ``baddbmm`` (its added input
+is a bias such as ALiBi, BLOOM) or a batched-matmul ``einsum`` (export keeps ``aten.einsum``);
+head reshapes (``view``) may sit between them and the softmax; soft-capping is Gemma 2's
+``cap * tanh(scores / cap)``.
+
+Mask values decide causality when the mask is materialised (no ``is_causal`` flag) and whether a
+padding mask masks anything. They are read where they exist and are cheap: on the example inputs
+when those hold data and every mask is small; otherwise on a *probe*, the same model captured at a
+short sequence with real tensors (the mask-building ops are the same at every length, so their
+verdict carries over site by site); without either, from the graph alone (see ``mask_evidence``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import operator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -22,6 +31,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from attnkit.errors import check_type
 from attnkit.graph.capture import CapturedGraph
+from attnkit.graph.mask_values import evaluable, evaluate
 
 __all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "sdpa_arguments", "op_name"]
 
@@ -43,10 +53,13 @@ _LAYOUT = {
     "unbind", "unflatten", "flatten", "alias", "t", "to", "_to_copy", "type_as", "detach",
     "repeat_interleave",
 }  # fmt: skip
-_PROBABILITY_PASS = {"dropout", "native_dropout", "getitem", "to", "_to_copy", "type_as", "clone", "contiguous"}
+_HEAD_VIEWS = {"view", "_unsafe_view", "reshape"}  # (B*H, S, S) <-> (B, H, S, S) around the softmax (BLOOM)
+_PROBABILITY_PASS = {"dropout", "native_dropout", "getitem", "to", "_to_copy", "type_as", "clone", "contiguous", *_HEAD_VIEWS}
+_GEMM_2D = {"matmul", "bmm", "baddbmm", "einsum"}
 _SEARCH_LIMIT = 64  # nodes visited per projection search; projections sit a few ops away
 
 MaskKind = Literal["none", "causal", "padding", "additive", "bool"]
+MaskEvidence = Literal["flag", "values", "probe", "graph"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,13 @@ class AttentionSite:
     qkv_layout: Literal["packed", "separate", "kv-packed", "separate-kv", "unknown"]
     """``packed``: one GEMM makes Q, K and V; ``separate``: three GEMMs on one input;
     ``kv-packed``/``separate-kv``: K and V from one GEMM / two GEMMs (cross attention)."""
+    softcap: float = 0.0
+    """Logit soft-capping ``scores = softcap * tanh(scores / softcap)`` before the mask (Gemma 2); 0 if none."""
+    mask_evidence: MaskEvidence = "values"
+    """What ``causal`` and ``mask`` were read from: ``"flag"`` (no mask; the ``is_causal`` flag),
+    ``"values"`` (the masks' values on the example inputs), ``"probe"`` (their values on the probe
+    at a short sequence) or ``"graph"`` (no values: causal only from a flag; ``padding`` if a mask
+    comes from a model input, else ``bool``/``additive``)."""
 
     def __repr__(self) -> str:
         heads = f"{self.num_heads}" if self.num_kv_heads == self.num_heads else f"{self.num_heads}/{self.num_kv_heads}kv"
@@ -108,11 +128,16 @@ class AttentionSite:
         return json.dumps(asdict(self))
 
 
-def find_attention(captured: CapturedGraph) -> list[AttentionSite]:
+def find_attention(
+    captured: CapturedGraph, *, probe: CapturedGraph | Callable[[], CapturedGraph] | None = None
+) -> list[AttentionSite]:
     """Every attention in ``captured``, in graph order.
 
     Args:
         captured: from :func:`attnkit.graph.capture.capture`.
+        probe: the same model captured at a short sequence with real tensors (or a function returning
+            it, called only when needed): where ``captured`` has no values (``meta`` or fake tensors) or
+            masks over :data:`~attnkit.graph.mask_values.MASK_VALUE_BUDGET` elements, mask values are read on it instead.
 
     Returns:
         One :class:`AttentionSite` per attention.
@@ -125,21 +150,26 @@ def find_attention(captured: CapturedGraph) -> list[AttentionSite]:
     check_type(captured, CapturedGraph, "captured", "Call attnkit.graph.capture.capture(model, inputs) first.")
     graph_module = captured.graph_module
     parameters = {name for name, _ in graph_module.named_parameters()}
-    cores = []
-    for node in graph_module.graph.nodes:
-        if op_name(node) in SDPA_OPS:
-            cores.append(_sdpa_core(node))
-        elif op_name(node) in _SOFTMAX and (core := _chain_core(node)) is not None:
-            cores.append(core)
-    masks = _evaluate(captured, [mask for core in cores for mask, _ in core.masks])
+    cores = _cores(graph_module.graph)
+    facts = _mask_facts(captured, cores, probe)
     sites, seen = [], {}
-    for core in cores:
-        site = _site(core, parameters, masks)
+    for core, fact in zip(cores, facts):
+        site = _site(core, parameters, fact)
         seen[site.name] = seen.get(site.name, 0) + 1
         if seen[site.name] > 1:
             site = replace(site, name=f"{site.name}#{seen[site.name]}")
         sites.append(site)
     return sites
+
+
+def _cores(graph: torch.fx.Graph) -> list[_Core]:
+    cores = []
+    for node in graph.nodes:
+        if op_name(node) in SDPA_OPS:
+            cores.append(_sdpa_core(node))
+        elif op_name(node) in _SOFTMAX and (core := _chain_core(node)) is not None:
+            cores.append(core)
+    return cores
 
 
 def op_name(node: Node) -> str:
@@ -174,6 +204,8 @@ class _Core:
     causal: bool
     scale: float | None
     dropout_p: float
+    softcap: float = 0.0
+    heads: int | None = None  # from a (B, H, Sq, Skv) view of the scores when Q is (B*H, S, D)
 
 
 def _sdpa_core(node: Node) -> _Core:
@@ -204,23 +236,60 @@ def _chain_core(softmax: Node) -> _Core | None:
     scores = _trace_scores(softmax.args[0], ops)
     if scores is None:
         return None
-    qk, masks, scale = scores
-    q, k = qk.args[1:3] if op_name(qk) == "baddbmm" else qk.args[:2]
-    if op_name(qk) == "baddbmm":  # MultiheadAttention with need_weights and a float mask
-        masks.append((qk.args[0], "add"))
+    qk, masks, scale, softcap = scores
+    if softcap:  # scale was traced up to the tanh, which divides by the cap: cap * tanh(qk * scale / cap)
+        scale = (scale or 1.0) * softcap
+    q, k = _gemm_operands(qk)
+    if op_name(qk) == "baddbmm":  # beta * bias + alpha * Q @ K^T: MultiheadAttention's float mask, BLOOM's ALiBi
+        if qk.kwargs.get("beta", 1) != 0:
+            masks.append((qk.args[0], "add"))
+        scale = (scale or 1.0) * qk.kwargs.get("alpha", 1)
     for operand in (q, k):  # MultiheadAttention scales Q before the matmul
         if op_name(operand) == "mul" and isinstance(operand.args[1], (int, float)):
             scale = (scale or 1.0) * operand.args[1]
             ops.append(operand)
     q, k = (operand.args[0] if operand in ops else operand for operand in (q, k))
     ops += [qk, pv]
-    return _Core(softmax, "matmul-softmax", q, k, pv.args[1], ops, pv, masks, False, scale or 1.0, dropout_p)
+    heads = next((_val_shape(n)[-3] for n in ops if op_name(n) in _HEAD_VIEWS and len(_val_shape(n)) >= 4), None)
+    return _Core(softmax, "matmul-softmax", q, k, _gemm_operands(pv)[1], ops, pv, masks, False, scale or 1.0,
+                 dropout_p, softcap or 0.0, heads)
+
+
+def _val_shape(node: Node) -> tuple[int, ...]:
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _gemm_operands(node: Node) -> tuple[Node, Node]:
+    """The two multiplied operands of a matmul/bmm/baddbmm/einsum node (as multiplied: K^T for QK^T)."""
+    name = op_name(node)
+    if name == "einsum":
+        return tuple(node.args[1])
+    return tuple(node.args[1:3]) if name == "baddbmm" else tuple(node.args[:2])
+
+
+def _is_batched_matmul(node: Node) -> bool:
+    """A two-operand GEMM in attention's layout: matmul/bmm/baddbmm, or an einsum ``b..rk,b..kc->b..rc``
+    (or ``b..rk,b..ck``) whose batch letters lead every term, so the last two dims are (rows, cols)."""
+    name = op_name(node)
+    if name != "einsum":
+        return name in _GEMM_2D
+    equation, operands = node.args[0], node.args[1]
+    if not isinstance(equation, str) or equation.count("->") != 1 or "." in equation or len(operands) != 2:
+        return False
+    inputs, output = equation.replace(" ", "").split("->")
+    left, _, right = inputs.partition(",")
+    if min(len(left), len(right), len(output)) < 2:
+        return False
+    batch, rows, cols, inner = output[:-2], output[-2], output[-1], left[-1]
+    return (left[:-2] == right[:-2] == batch and left[-2] == rows and inner not in output
+            and right[-2:] in (inner + cols, cols + inner))
 
 
 def _pv_path(probabilities: Node) -> list[Node] | None:
     """Nodes from the probabilities (dropout, casts) to the matmul that multiplies them by V, or None."""
     for user in probabilities.users:
-        if op_name(user) in ("matmul", "bmm") and user.args[0] is probabilities:
+        if op_name(user) in ("matmul", "bmm", "einsum") and _is_batched_matmul(user) and _gemm_operands(user)[0] is probabilities:
             return [user]
         if op_name(user) in _PROBABILITY_PASS and (rest := _pv_path(user)) is not None:
             return [user, *rest]
@@ -231,15 +300,18 @@ _SCORE_PASS = {"to", "_to_copy", "type_as", "clone", "contiguous"}
 
 
 def _trace_scores(node: Node, ops: list[Node]):
-    """Walk back from the softmax input to the QK^T GEMM: returns (qk, masks, scale) or None.
+    """Walk back from the softmax input to the QK^T GEMM: returns (qk, masks, scale, softcap) or None.
 
-    ``ops`` receives the scale/mask/cast nodes passed on the way (only when the walk succeeds).
+    ``scale`` multiplies the scores before a soft-capping ``tanh`` (if any); ``softcap`` is the factor
+    after it (None without a tanh). ``ops`` receives the scale/cap/mask/cast/view nodes passed on the way
+    (only when the walk succeeds).
     """
     name = op_name(node)
-    if name in ("matmul", "bmm", "baddbmm"):
-        return node, [], None
+    if name in _GEMM_2D:
+        return (node, [], None, None) if _is_batched_matmul(node) else None
     args = node.args
-    if name in _SCORE_PASS or (name in ("mul", "div") and isinstance(args[1], (int, float))):
+    if (name in _SCORE_PASS or name in _HEAD_VIEWS or name == "tanh"
+            or (name in ("mul", "div") and isinstance(args[1], (int, float)))):
         step, mask = args[0], None
     elif name == "add" and all(isinstance(arg, Node) for arg in args[:2]):
         step = next((arg for arg in args[:2] if _trace_scores(arg, []) is not None), None)
@@ -254,16 +326,22 @@ def _trace_scores(node: Node, ops: list[Node]):
     found = None if step is None else _trace_scores(step, ops)
     if found is None:
         return None
-    qk, masks, scale = found
-    if name in ("mul", "div"):
-        scale = (scale or 1.0) * (args[1] if name == "mul" else 1.0 / args[1])
+    qk, masks, scale, softcap = found
+    if name == "tanh":
+        softcap = 1.0
+    elif name in ("mul", "div"):
+        factor = args[1] if name == "mul" else 1.0 / args[1]
+        if softcap is None:
+            scale = (scale or 1.0) * factor
+        else:
+            softcap *= factor
     if mask is not None:
         masks.append(mask)
     ops.append(node)
-    return qk, masks, scale
+    return qk, masks, scale, softcap
 
 
-def _site(core: _Core, parameters: set[str], mask_values: dict[Node, torch.Tensor]) -> AttentionSite:
+def _site(core: _Core, parameters: set[str], fact: tuple[bool, MaskKind, MaskEvidence]) -> AttentionSite:
     q_shape, k_shape, v_shape = (tuple(node.meta["val"].shape) for node in (core.q, core.k, core.v))
     seq_q, head_dim_qk = q_shape[-2:]
     seq_kv, head_dim_v = v_shape[-2:]
@@ -271,14 +349,14 @@ def _site(core: _Core, parameters: set[str], mask_values: dict[Node, torch.Tenso
     if len(q_shape) >= 4:
         batch, num_heads = math.prod(q_shape[:-3]), q_shape[-3]
         kv_heads = k_shape[-3] if len(k_shape) >= 4 else num_heads
-    else:  # (B*H, S, D) as in MultiheadAttention's bmm path: heads from the projection width
-        num_heads = _width([*q_path, q_stop], head_dim_qk) // head_dim_qk
+    else:  # (B*H, S, D): heads from a (B, H, Sq, Skv) view of the scores, else the projection width (MHA)
+        num_heads = core.heads or _width([*q_path, q_stop], head_dim_qk) // head_dim_qk
         batch, kv_heads = math.prod(q_shape[:-2]) // num_heads, num_heads
     projections = {name: _projection(stop, parameters) for name, stop in (("q", q_stop), ("k", k_stop), ("v", v_stop))}
     out_projection, out_path = _out_projection(core.out, parameters)
     projections["out"] = out_projection
     kind = _kind(projections, parameters, q_stop, k_stop)
-    causal, mask = _mask_kind(core, mask_values, seq_q, seq_kv)
+    causal, mask, evidence = fact
     name, module_type = _module(core.anchor)
     core_nodes = {*q_path, *k_path, *v_path, *core.ops, *out_path}
     order = {node: index for index, node in enumerate(core.anchor.graph.nodes)}
@@ -302,6 +380,8 @@ def _site(core: _Core, parameters: set[str], mask_values: dict[Node, torch.Tenso
         mask_nodes=tuple(node.name for node, _ in core.masks),
         projections={key: None if node is None else node.name for key, node in projections.items()},
         qkv_layout=_qkv_layout(projections, kind),
+        softcap=float(core.softcap),
+        mask_evidence=evidence,
     )
 
 
@@ -411,18 +491,47 @@ def _module(node: Node) -> tuple[str, str]:
     return path, (module_type if isinstance(module_type, str) else module_type.__name__).rsplit(".", 1)[-1]
 
 
-def _mask_kind(core: _Core, values: dict[Node, torch.Tensor | None], seq_q: int, seq_kv: int) -> tuple[bool, MaskKind]:
-    """(causal, mask kind) from the flag and the masks' values on the example inputs (CPU tensors).
+def _mask_facts(
+    captured: CapturedGraph, cores: list[_Core], probe: CapturedGraph | Callable[[], CapturedGraph] | None
+) -> list[tuple[bool, MaskKind, MaskEvidence]]:
+    """``(causal, mask kind, evidence)`` per core, from the example's mask values, else the probe's, else the graph."""
+    masks = [mask for core in cores for mask, _ in core.masks]
+    if not masks:
+        return [_mask_kind(core, {}, "flag") for core in cores]
+    if evaluable(captured, masks):
+        values = evaluate(captured, masks)
+        return [_mask_kind(core, values, "values") for core in cores]
+    probe = probe() if callable(probe) else probe
+    if probe is not None:
+        probe_cores = _cores(probe.graph_module.graph)
+        probe_masks = [mask for core in probe_cores for mask, _ in core.masks]
+        if _aligned(cores, probe_cores) and evaluable(probe, probe_masks):
+            values = evaluate(probe, probe_masks)
+            return [_mask_kind(core, values, "probe") for core in probe_cores]
+    return [_mask_kind(core, {}, "graph") for core in cores]
 
-    Without values (a model on the ``meta`` device) the kind comes from the graph alone: ``padding``
-    if a mask is computed from a model input, else ``bool``/``additive``; causality from the flag.
+
+def _aligned(cores: list[_Core], probe_cores: list[_Core]) -> bool:
+    """Whether the probe's attention matches site by site: module, form, flag and how each mask applies."""
+    def signature(core: _Core):
+        return _module(core.anchor), core.form, core.causal, [how for _, how in core.masks]
+
+    return len(cores) == len(probe_cores) and all(signature(a) == signature(b) for a, b in zip(cores, probe_cores))
+
+
+def _mask_kind(core: _Core, values: dict[Node, torch.Tensor], evidence: MaskEvidence) -> tuple[bool, MaskKind, MaskEvidence]:
+    """(causal, mask kind, evidence) from the flag and the masks' values (CPU tensors) at the core's shapes.
+
+    Without values (``evidence="graph"``) the kind comes from the graph alone: ``padding`` if a mask is
+    computed from a model input, else ``bool``/``additive``; causality from the flag.
     """
     if not core.masks:
-        return core.causal, "causal" if core.causal else "none"
-    if any(values[node] is None for node, _ in core.masks):
+        return core.causal, "causal" if core.causal else "none", "flag"
+    if evidence == "graph":
         if any(_from_input(node) for node, _ in core.masks):
-            return core.causal, "padding"
-        return core.causal, "bool" if all(how != "add" for _, how in core.masks) else "additive"
+            return core.causal, "padding", evidence
+        return core.causal, "bool" if all(how != "add" for _, how in core.masks) else "additive", evidence
+    seq_q, seq_kv = _val_shape(core.q)[-2], _val_shape(core.v)[-2]
     allowed, only_masking = None, True
     for node, how in core.masks:
         value = values[node]
@@ -436,12 +545,12 @@ def _mask_kind(core: _Core, values: dict[Node, torch.Tensor | None], seq_q: int,
     allowed = torch.broadcast_to(allowed, (*allowed.shape[:-2], seq_q, seq_kv))
     causal = core.causal or (bool(future.any()) and not bool((allowed & future).any()))
     if causal and only_masking and bool((allowed == ~future).all()):
-        return causal, "causal"
+        return causal, "causal", evidence
     if any(_from_input(node) for node, _ in core.masks):
-        return causal, "padding"
+        return causal, "padding", evidence
     if only_masking and bool(allowed.all()):  # e.g. an all-True mask built from constants
-        return causal, "none"
-    return causal, "bool" if all(how != "add" for _, how in core.masks) else "additive"
+        return causal, "none", evidence
+    return causal, "bool" if all(how != "add" for _, how in core.masks) else "additive", evidence
 
 
 def _from_input(node: Node) -> bool:
@@ -454,38 +563,3 @@ def _from_input(node: Node) -> bool:
         seen.add(node)
         stack.extend(arg for arg in node.all_input_nodes if arg not in seen)
     return False
-
-
-def _evaluate(captured: CapturedGraph, targets: list[Node]) -> dict[Node, torch.Tensor | None]:
-    """Values of ``targets`` on the example inputs, running only the nodes they depend on.
-
-    The nodes run where the model lives (factory nodes carry the device they were traced on);
-    the results are copied to the CPU so the mask analysis never mixes devices. On the ``meta``
-    device there are no values: each target maps to None.
-    """
-    needed, stack = set(), list(targets)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    graph_module = captured.graph_module
-    flat = torch.fx._pytree.tree_flatten_spec((captured.example_inputs, captured.example_kwargs), graph_module._in_spec)
-    env = dict(zip((node for node in graph_module.graph.nodes if node.op == "placeholder"), flat))
-    with torch.no_grad():
-        for node in graph_module.graph.nodes:
-            if node not in needed or node in env:
-                continue
-            if node.op == "get_attr":
-                env[node] = operator.attrgetter(node.target)(graph_module)
-            else:
-                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-                env[node] = node.target(*args, **kwargs)
-    return {node: _to_cpu(env[node]) for node in targets}
-
-
-def _to_cpu(value: Any) -> Any:
-    """A CPU copy of a tensor value, None for a ``meta`` tensor (no data), anything else unchanged."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return None if value.is_meta else value.detach().cpu()

@@ -1,5 +1,7 @@
 """Measure a hardware profile on the current CUDA GPU: every number the cost model uses.
 
+(:func:`calibrate` with ``device="cpu"`` measures this machine's CPU instead: :mod:`attnkit.graph.calibrate_cpu`.)
+
 Device side (CUDA events, medians, every call queued behind a sleeping kernel so host dispatch is excluded):
 
 * GEMM rate vs size: ``linear`` with bias at transformer shapes (M = 128, 197, 1024, 64*197; K x N =
@@ -34,7 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.errors import UnsupportedError
+from attnkit.errors import UnsupportedError, check_arg
 from attnkit.graph.hardware import HardwareProfile, family_profile
 
 __all__ = ["calibrate", "host_ms"]
@@ -251,11 +253,22 @@ def _reference_host(host: dict[str, float]) -> dict[str, float]:
             "bert_tiny_launches": launches}
 
 
-def calibrate(log: Callable[[str], None] = print) -> HardwareProfile:
-    """Measure the current GPU and return a :class:`HardwareProfile` (save it with ``to_json``)."""
+def calibrate(log: Callable[[str], None] = print, device: str | None = None) -> HardwareProfile:
+    """Measure this machine and return a :class:`HardwareProfile` (save it with ``to_json``).
+
+    Args:
+        log: progress lines.
+        device: ``"cuda"`` (the current GPU, a few minutes) or ``"cpu"`` (this CPU at
+            ``torch.get_num_threads()`` threads, well under a minute); default: CUDA when visible.
+    """
+    check_arg(device in (None, "cpu", "cuda"), "device", "'cpu', 'cuda' or None", device)
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        from attnkit.graph.calibrate_cpu import calibrate_cpu
+
+        return calibrate_cpu(log)
     if not torch.cuda.is_available():
-        raise UnsupportedError("calibrate needs a CUDA GPU (torch.cuda.is_available() is False); "
-                               "on CPU pass --hardware cpu to analyze.")
+        raise UnsupportedError("calibrate --device cuda needs a CUDA GPU (torch.cuda.is_available() is False); "
+                               "use --device cpu to measure this CPU.")
     device = torch.cuda.get_device_name()
     base = family_profile(device)
     log("large matmuls (fp32, tf32)")

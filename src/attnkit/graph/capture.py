@@ -3,11 +3,18 @@
 Export failures become :class:`~attnkit.errors.CaptureError` naming the construct that
 could not be captured (the data-dependent guard, the operator, the output type) and a hint,
 instead of a stack trace from inside the tracer.
+
+Export traces on fake tensors, so a model and inputs on the ``meta`` device (no data) capture the
+same graph as real CPU ones at no memory cost (they are traced as fake CPU tensors, see
+:mod:`attnkit.graph.fake`). A forward taking ``use_cache`` gets ``use_cache=False``
+unless the caller set it: a decoder would otherwise return a KV-cache object that export cannot
+flatten (Hugging Face decoders and encoder-decoders), and the cache does not change the forward's work.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import time
 import traceback
@@ -18,6 +25,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from attnkit.errors import CaptureError, check_type
+from attnkit.graph.fake import fake_cpu_copy, has_meta
 
 __all__ = ["CapturedGraph", "capture"]
 
@@ -61,9 +69,11 @@ def capture(
     """Export ``model`` in eval mode under ``torch.no_grad()`` with ``torch.export`` (non-strict).
 
     Args:
-        model: the module to capture; its training flag is restored afterwards.
+        model: the module to capture; its training flag is restored afterwards. On the ``meta`` device
+            (with meta inputs) it is captured as fake CPU tensors: shapes only, no memory.
         example_inputs: positional inputs (a lone tensor is wrapped in a tuple).
-        example_kwargs: keyword inputs, e.g. ``{"attention_mask": mask, "use_cache": False}``.
+        example_kwargs: keyword inputs, e.g. ``{"attention_mask": mask}``; ``use_cache=False`` is added
+            when the forward takes ``use_cache`` and it is not given.
         dtype: if given, capture a copy of the model cast to this floating dtype, with
             floating-point inputs cast too; ``model`` itself is not changed.
 
@@ -75,23 +85,29 @@ def capture(
 
     Example::
 
-        captured = capture(model, (input_ids,), {"use_cache": False})
-        captured.graph_module(input_ids, use_cache=False)
+        captured = capture(model, (input_ids,))
+        captured.graph_module(input_ids, **captured.example_kwargs)
     """
     check_type(model, torch.nn.Module, "model")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     check_type(example_inputs, (tuple, list), "example_inputs", "Pass positional inputs as a tuple.")
-    example_kwargs = dict(example_kwargs or {})
+    example_kwargs = _without_cache(model, dict(example_kwargs or {}))
     if dtype is not None:
         check_type(dtype, torch.dtype, "dtype")
         model, example_inputs, example_kwargs = _cast(model, tuple(example_inputs), example_kwargs, dtype)
+    example_inputs = tuple(example_inputs)
+    traced, traced_inputs, traced_kwargs = model, example_inputs, example_kwargs
+    if has_meta(model, example_inputs, example_kwargs):
+        traced, traced_inputs, traced_kwargs = fake_cpu_copy(model, example_inputs, example_kwargs)
+        example_inputs, example_kwargs = traced_inputs, traced_kwargs
     was_training = model.training
     model.eval()
+    traced.eval()
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            program = torch.export.export(model, tuple(example_inputs), example_kwargs, strict=False)
+            program = torch.export.export(traced, traced_inputs, traced_kwargs, strict=False)
     except Exception as error:  # export raises many unrelated types; all become CaptureError
         raise _capture_error(error) from error
     finally:
@@ -107,6 +123,15 @@ def capture(
         num_nodes=len(graph_module.graph.nodes),
         seconds=seconds,
     )
+
+
+def _without_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus ``use_cache=False`` when ``model.forward`` takes ``use_cache`` and it is not in ``kwargs``."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature (builtins): nothing to add
+        return kwargs
+    return {**kwargs, "use_cache": False} if "use_cache" in parameters and "use_cache" not in kwargs else kwargs
 
 
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:

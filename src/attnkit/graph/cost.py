@@ -20,10 +20,13 @@ Host, per forward (seconds): eager dispatches every ATen op from Python::
 
 and a compiled forward pays ``compiled_launch_overhead_us`` per kernel (idle = busy).
 
-Forward: the host runs ahead of the device; the device waits only when the host falls behind.
-With ``f = max(0, 1 - device / host_busy)``, the fraction of launches that find the queue
+Forward on a GPU: the host runs ahead of the device; the device waits only when the host falls
+behind. With ``f = max(0, 1 - device / host_busy)``, the fraction of launches that find the queue
 empty, ``predicted = max(device, host_busy + f * (host_idle - host_busy))``: ``device`` when the
 GPU is the bottleneck, ``host_idle`` when the kernels are tiny, continuous in between.
+
+Forward on a CPU (a profile of kind ``"cpu"``): the same cores dispatch and compute, one op after
+the other, so ``predicted = device + host_idle``.
 """
 
 from __future__ import annotations
@@ -73,15 +76,21 @@ class ModeCost:
     """Host dispatch time per forward with the GPU backlogged."""
     kernels: tuple[KernelCost, ...]
     """One per kernel of the partition, same order."""
+    serial: bool = False
+    """Host and device are the same cores (a CPU): latency = device + host, no overlap."""
 
     @property
     def predicted_s(self) -> float:
         """Predicted latency per forward (see the module docstring)."""
+        if self.serial:
+            return self.device_s + self.host_s
         return overlap(self.device_s, self.host_s, self.host_busy_s)
 
     @property
     def limiter(self) -> str:
-        """``"device"`` or ``"host"`` (launch-bound)."""
+        """``"device"`` or ``"host"`` (launch-bound; on a CPU: dispatch takes longer than compute)."""
+        if self.serial:
+            return "device" if self.device_s >= self.host_s else "host"
         return "device" if self.device_s >= self.predicted_s else "host"
 
     def __repr__(self) -> str:
@@ -145,4 +154,5 @@ def estimate(partition: Partition, hardware: HardwareProfile, dtype: torch.dtype
         host_s=idle,
         host_busy_s=busy,
         kernels=costs,
+        serial=hardware.kind == "cpu",
     )

@@ -45,7 +45,8 @@ _FACTORIES = {
     "ones_like", "full_like", "tensor", "linspace", "tril_indices", "triu_indices", "eye",
 }
 _GEMMS = {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "einsum", "addbmm"}
-_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
+_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d"}
 _REDUCTIONS = {
     "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "softmax", "_softmax", "log_softmax",
     "_log_softmax", "mean", "sum", "amax", "amin", "max", "min", "var", "var_mean", "std", "cumsum", "argmax",
@@ -168,8 +169,14 @@ def _einsum_flops(equation: str, operands: list, out: torch.Tensor) -> int:
 
 
 def _conv_flops(node: Node) -> int:
-    weight, out = _val(node.args[1]), _val(node)
-    return 2 * int(out.numel()) * int(math.prod(weight.shape[1:]))
+    """2 x multiply-adds: each output element of a convolution (weight ``(Cout, Cin/g, *k)``) reads
+    ``Cin/g * prod(k)`` weights; each *input* element of a transposed one (weight ``(Cin, Cout/g, *k)``)
+    is spread over ``Cout/g * prod(k)`` outputs."""
+    name, weight = op_name(node), _val(node.args[1])
+    transposed = name.startswith("conv_transpose") or (
+        name in ("convolution", "_convolution") and len(node.args) > 6 and bool(node.args[6]))
+    elements = _val(node.args[0]).numel() if transposed else _val(node).numel()
+    return 2 * int(elements) * int(math.prod(weight.shape[1:]))
 
 
 def _attention_flops(node: Node) -> tuple[int, int]:

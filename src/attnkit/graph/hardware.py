@@ -1,8 +1,9 @@
 """Hardware profiles for the cost model: peak and achievable rates, bandwidth, overheads.
 
-Built-in profiles live in ``hardware_profiles.json`` next to this file; ``attnkit calibrate``
-writes a profile of the same shape for the GPU at hand, which :func:`load_hardware` accepts
-as a path.
+Built-in profiles live in ``hardware_profiles.json`` next to this file (``cpu`` there is a fixed
+16-core AVX-512 server, not the machine at hand); ``attnkit calibrate`` writes a profile of the
+same shape for the GPU or CPU at hand, which :func:`load_hardware` accepts as a path, and
+``"this"`` loads (calibrating once, then cached) the profile of the machine at hand.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ class HardwareProfile:
         return self.matmul_rate(dtype) / self.bandwidth
 
     def __repr__(self) -> str:
-        return (f"HardwareProfile({self.key!r}, bf16={self.achievable_tflops.get('bf16')} TFLOP/s, "
+        key = "bf16" if "bf16" in self.achievable_tflops or self.kind == "gpu" else "fp32"
+        return (f"HardwareProfile({self.key!r}, {self.kind}, {key}={self.achievable_tflops.get(key)} TFLOP/s, "
                 f"bw={self.achievable_bandwidth_gbs} GB/s)")
 
     def to_json(self) -> dict:
@@ -204,10 +206,16 @@ def list_hardware() -> list[str]:
 
 
 def load_hardware(hardware: "str | Path | HardwareProfile") -> HardwareProfile:
-    """A built-in profile by name (``h100``, ``h200``, ``a100``, ``l4``, ``cpu``) or a JSON file from calibrate."""
+    """A built-in profile by name (``h100``, ``h200``, ``a100``, ``l4``, ``cpu``: a fixed 16-core AVX-512
+    server), ``"this"`` (this machine's GPU, else its CPU at the current thread count: measured on first
+    use and cached, see :mod:`attnkit.graph.this_machine`) or a JSON file from calibrate."""
     if isinstance(hardware, HardwareProfile):
         return hardware
     text = str(hardware)
+    if text.lower() == "this":
+        from attnkit.graph.this_machine import this_machine
+
+        return this_machine()
     key = _ALIASES.get(text.lower(), text.lower())
     if key in _builtin():
         return HardwareProfile.from_json(_builtin()[key], key)
@@ -216,5 +224,6 @@ def load_hardware(hardware: "str | Path | HardwareProfile") -> HardwareProfile:
         data = json.loads(path.read_text())
         base = family_profile(str(data.get("name", ""))).to_json()  # fields an older calibrate did not write
         return HardwareProfile.from_json({**base, **data, "key": data.get("key", "custom")})
-    raise InvalidArgumentError("hardware", f"one of {list_hardware()} or a profile JSON file", hardware,
-                               "Run `attnkit calibrate --out profile.json` to measure this GPU.")
+    raise InvalidArgumentError("hardware", f"one of {list_hardware()}, 'this' or a profile JSON file", hardware,
+                               "Pass 'this' for this machine's measured profile, or run `attnkit calibrate --out "
+                               "profile.json` and pass the file.")

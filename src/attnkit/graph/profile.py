@@ -1,5 +1,8 @@
 """Measured vs predicted on a CUDA GPU: kernels and latency per forward, eager and ``torch.compile``.
 
+Without a GPU the models run on the CPU: latency only (median wall time of eager forwards, no kernel
+counts or group times), for comparing with a CPU profile such as ``hardware="this"``.
+
 Kernels are counted with ``torch.profiler`` (CUDA kernel events per forward; memcpy and memset
 excluded), and their device time is summed per kernel group (:mod:`attnkit.graph.groups`);
 latency is the median of CUDA-event timed forwards (:func:`attnkit.bench.time_fn`); host time is
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from attnkit.bench import time_fn
-from attnkit.errors import UnsupportedError, check_arg
+from attnkit.errors import check_arg
 from attnkit.graph.analyze import analyze
 from attnkit.graph.groups import measured_group
 from attnkit.graph.hardware import HardwareProfile
@@ -144,7 +147,7 @@ def _failure(error: Exception) -> str:
 
 
 def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileRecord:
-    """Fill in the measured kernels, latency, host time and group times of ``record``."""
+    """Fill in the measured kernels, latency, host time and group times of ``record`` (latency only on a CPU)."""
     from attnkit.graph.calibrate import host_ms
 
     model = torch.compile(zoo.model, dynamic=False) if record.mode == "compiled" else zoo.model
@@ -153,6 +156,14 @@ def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileR
         with torch.no_grad():
             return model(*zoo.example_inputs, **zoo.example_kwargs)
 
+    if not torch.cuda.is_available():
+        try:
+            timing = time_fn(run, warmup=2, repeats=10, device="cpu")
+        except Exception as error:  # record it, keep going
+            return replace(record, note=_join(record.note, _failure(error)))
+        log(f"{record.model} batch {record.batch} {record.mode}: {timing.median_ms:.3f} ms on CPU "
+            f"(predicted {record.predicted_ms if record.predicted_ms is None else round(record.predicted_ms, 3)})")
+        return replace(record, measured_ms=timing.median_ms)
     try:
         kernels, groups = kernel_stats(run)
         timing = time_fn(run, warmup=5, repeats=20, device="cuda")
@@ -191,7 +202,8 @@ def profile_models(
     time_budget_s: float = 450.0,
     log: Callable[[str], None] = print,
 ) -> ProfileResult:
-    """Predict and measure every model x batch x mode on the current CUDA GPU.
+    """Predict and measure every model x batch x mode on the current CUDA GPU (without one: on the CPU,
+    at torch's thread count, latency only; pair it with ``hardware="this"``).
 
     A model that fails to build, analyse or run gets records whose ``note`` says why; the others go on.
 
@@ -206,10 +218,8 @@ def profile_models(
     Returns:
         A :class:`ProfileResult`.
     """
-    if not torch.cuda.is_available():
-        raise UnsupportedError("profile needs a CUDA GPU (torch.cuda.is_available() is False); "
-                               "use `attnkit analyze` for predictions only.")
     check_arg(set(modes) <= set(_MODES), "modes", f"a subset of {_MODES}", modes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     from attnkit.models import build_model
 
     start, records = time.perf_counter(), []
@@ -218,7 +228,7 @@ def profile_models(
         for batch in batches:
             torch._dynamo.reset()
             try:
-                zoo = build_model(name, batch_size=batch, dtype=dtype, device="cuda")
+                zoo = build_model(name, batch_size=batch, dtype=dtype, device=device)
             except Exception as error:  # one broken model must not cost the other measurements
                 log(f"{name} batch {batch}: build failed: {error}")
                 records += [ProfileRecord(name, batch, label, mode, None, None, None, None, _failure(error))
@@ -238,9 +248,16 @@ def profile_models(
                     continue
                 records.append(_measure(record, zoo, log))
             del zoo
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if device == "cpu":
+        from attnkit.graph.calibrate_cpu import cpu_name
+
+        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    else:
+        name = torch.cuda.get_device_name()
     return ProfileResult(
-        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        device=name, torch=torch.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         hardware=hardware.key if isinstance(hardware, HardwareProfile) else str(hardware),
         records=tuple(records), extra={"python": platform.python_version(), "seconds": round(time.perf_counter() - start, 1)},

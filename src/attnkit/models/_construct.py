@@ -13,14 +13,15 @@ from torch import nn
 
 
 def torch_module(factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
-    """``factory()`` built on the meta device, then given uninitialised CPU storage in ``dtype``.
+    """``factory()`` built on the meta device, then given uninitialised storage in ``dtype`` on the default
+    device (the CPU; none under ``torch.device("meta")``, where the model stays shapes only).
 
     Only for modules without buffers, whose values would be lost (torchvision ViT, nn.Transformer).
     """
     with torch.device("meta"):
         model = factory()
     assert next(model.buffers(), None) is None, f"{type(model).__name__} has buffers that meta construction would lose"
-    return model.to(dtype=dtype).to_empty(device="cpu")
+    return model.to(dtype=dtype).to_empty(device=torch.get_default_device())
 
 
 def transformers_model(cls: type, config, dtype: torch.dtype, attn_implementation: str) -> nn.Module:

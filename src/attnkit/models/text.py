@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from attnkit.models._construct import transformers_model
-from attnkit.models.zoo import ZooModel
+from attnkit.models.base import ZooModel
 
 
 def bert_base(batch_size: int, seq_len: int, dtype: torch.dtype, attn: str) -> ZooModel:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attnkit.models._construct import torch_module
-from attnkit.models.zoo import ZooModel
+from attnkit.models.base import ZooModel
 
 _D_MODEL, _HEADS, _LAYERS, _FFN = 512, 8, 6, 2048
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.models._construct import torch_module, transformers_model
-from attnkit.models.zoo import ZooModel
+from attnkit.models.base import ZooModel
 
 
 @dataclass(frozen=True)

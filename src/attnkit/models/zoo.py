@@ -2,7 +2,8 @@
 
 Every model comes back in eval mode with weights drawn on the CPU from a fixed seed, so the same
 ``build_model`` call gives the same weights each time and on every device (and, in eval mode, the
-same outputs on a given device).
+same outputs on a given device). ``device="meta"`` builds shapes only (no weights drawn, no memory),
+which is all ``attnkit analyze`` needs.
 """
 
 from __future__ import annotations
@@ -15,35 +16,12 @@ import torch
 from torch import nn
 
 from attnkit.errors import check_arg, check_type, fail
+from attnkit.models.base import ZooModel
 
-__all__ = ["ZooModel", "build_model", "list_models"]
+__all__ = ["ZooModel", "build_model", "list_models", "default_seq_len"]
 
 _SEED = 0
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class ZooModel:
-    """A model ready to run: ``model(*example_inputs, **example_kwargs)``."""
-
-    name: str
-    """Registry name, or ``package.module:function`` for a user model."""
-    model: nn.Module
-    """Random weights, eval mode."""
-    example_inputs: tuple
-    """Positional inputs."""
-    example_kwargs: dict
-    """Keyword inputs."""
-    source: str
-    """Where the architecture comes from: ``"torchvision"``, ``"transformers"``, ``"torch.nn"`` or ``"user"``."""
-    family: str
-    """``"vit"``, ``"bert"``, ``"gpt2"``, ``"llama"``, ``"t5"``, ``"nn.transformer"`` or ``"user"``."""
-    notes: str
-    """How it was built, e.g. which fallback stood in for a missing package."""
-
-    def __repr__(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters())
-        return f"ZooModel(name={self.name!r}, source={self.source!r}, family={self.family!r}, params={params / 1e6:.1f}M)"
 
 
 @dataclass(frozen=True)
@@ -74,6 +52,13 @@ def list_models() -> list[str]:
     return list(_ZOO)
 
 
+def default_seq_len(name: str) -> int | None:
+    """The sequence length :func:`build_model` uses for ``name`` when ``seq_len`` is None (None: fixed by the
+    input, as for the ViTs, or unknown, as for ``package.module:function``)."""
+    entry = _ZOO.get(name)
+    return entry.seq_len if entry is not None else None
+
+
 def build_model(
     name: str,
     *,
@@ -94,6 +79,9 @@ def build_model(
             nn.Transformer 128); must be None for the ViTs, whose 224x224 images fix 197 tokens.
         dtype: floating dtype of the weights and floating inputs (integer token ids stay int64).
         device: where the model and inputs live; weights are drawn on the CPU, so they match across devices.
+            ``"meta"``: shapes only, nothing allocated and no weights drawn (zoo models are constructed on
+            the meta device; a user function is called under ``torch.device("meta")``, or, if it fails
+            there, normally and then moved), so any sequence length builds instantly.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (explicit matmul-softmax-matmul) for
             transformers models; models built on ``nn.MultiheadAttention`` ignore it and say so in ``notes``,
             user models keep whatever attention their function built.
@@ -129,9 +117,9 @@ def build_model(
     if ":" in name:
         from attnkit.models.user import build_user_model
 
-        zoo_model = build_user_model(name, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
+        zoo_model = build_user_model(name, batch_size=batch_size, seq_len=seq_len, dtype=dtype, meta=device.type == "meta")
     else:
-        zoo_model = _build_registered(name, batch_size, seq_len, dtype, attn_implementation or "sdpa")
+        zoo_model = _build_registered(name, batch_size, seq_len, dtype, attn_implementation or "sdpa", device.type == "meta")
     zoo_model.model.eval().to(device=device)
     return replace(
         zoo_model,
@@ -140,7 +128,9 @@ def build_model(
     )
 
 
-def _build_registered(name: str, batch_size: int, seq_len: int | None, dtype: torch.dtype, attn: str) -> ZooModel:
+def _build_registered(
+    name: str, batch_size: int, seq_len: int | None, dtype: torch.dtype, attn: str, meta: bool
+) -> ZooModel:
     entry = _ZOO.get(name)
     if entry is None:
         fail("name", f"one of {list_models()} or 'package.module:function'", name)
@@ -153,6 +143,9 @@ def _build_registered(name: str, batch_size: int, seq_len: int | None, dtype: to
             check_arg(seq_len <= entry.max_seq_len, "seq_len", f"at most {entry.max_seq_len} for {name!r}", seq_len)
     module_name, function_name = entry.builder.split(":")
     builder = getattr(importlib.import_module(f"attnkit.models.{module_name}"), function_name)
+    if meta:  # every tensor the builder makes (weights, buffers, inputs) is a shape without storage
+        with torch.device("meta"):
+            return replace(builder(batch_size, seq_len, dtype, attn), name=name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
         zoo_model = builder(batch_size, seq_len, dtype, attn)
