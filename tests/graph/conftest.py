@@ -8,7 +8,10 @@ SEQ = 16
 """Tokens per example for the text models unless a test needs a reference shape; ViTs fix 197."""
 
 
-@functools.cache
+# At most one capture alive: full-size zoo models hold their real weights (ViT-L/16 alone 1.2 GB), and
+# a session-wide cache of all of them took one worker past 7 GB. Tests of one model run together
+# (xdist groups, and in file order), so a small cache still captures each model about once per file.
+@functools.lru_cache(maxsize=1)
 def _captured_zoo(name: str, attn_implementation: str = "sdpa", batch_size: int = 2, seq_len: int | None = SEQ):
     from attnkit.graph.attention import find_attention
     from attnkit.graph.capture import capture

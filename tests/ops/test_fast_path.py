@@ -270,3 +270,24 @@ def test_a_hit_is_bit_identical_on_cuda(backend, fresh_memo):
     assert len(CALLS) == 1 and _sdp_flags() == before
     for name, hit, miss in zip(["out", "dq", "dk", "dv"], *results[::-1]):
         assert torch.equal(hit, miss), name
+
+
+def test_mask_that_allows_everything_runs_as_unmasked():
+    """An all-True bool mask or an all-zero additive mask is dropped (exact), so the call takes the
+    unmasked path; a mask with one blocked score is kept (planted: dropping it would change the output)."""
+    op = importlib.import_module("attnkit.ops.attention")  # the module (the package attribute is the function)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, dtype=torch.float64) for _ in range(3))
+    unmasked = attention(q, k, v, backend="reference")
+    for mask in (torch.ones(2, 1, 9, 9, dtype=torch.bool), torch.zeros(2, 1, 9, 9, dtype=torch.float64)):
+        assert op._allows_everything(mask)
+        torch.testing.assert_close(attention(q, k, v, mask=mask), unmasked, rtol=1e-12, atol=1e-12)
+    blocked = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    blocked[0, 0, 3, 5] = False
+    assert not op._allows_everything(blocked)
+    masked = attention(q, k, v, mask=blocked)
+    torch.testing.assert_close(masked, attention(q, k, v, mask=blocked, backend="reference"), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(masked, unmasked)
+    blocked[0, 0, 3, 5] = True  # in-place edit: the cached verdict is rebuilt (version counter)
+    assert op._allows_everything(blocked)
+    assert not op._allows_everything(torch.zeros(1, 1, 2, 2, requires_grad=True))  # a learned bias stays

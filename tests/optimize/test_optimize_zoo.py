@@ -1,7 +1,8 @@
 """Every zoo model, full size: `optimize` rewrites its attention and passes the fp32 checks (eval and train).
 
-Marked slow (ViT-L/16 alone takes ~30 s on 2 CPU cores); the small-config tests in
-test_optimize_equivalence.py cover the same families in the default run.
+Marked slow; the small-config tests in test_optimize_equivalence.py cover the same families in the
+default run. ViT-L/16 is left out: it runs ViT-B/16's code path, and its real weights plus the fp32
+and float64 copies the proof makes took one test worker past 4 GB.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import pytest
 from attnkit.models import build_model, list_models
 from attnkit.optimize import OptimizeConfig, optimize
 
-SEQ = {"vit_b_16": None, "vit_l_16": None}
+SEQ = {"vit_b_16": None}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in list_models()])
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "vit_l_16"])
 def test_zoo_model_equivalent(name):
     zoo = build_model(name, batch_size=1, seq_len=SEQ.get(name, 16))
     _, report = optimize(zoo.model, zoo.example_inputs, example_kwargs=zoo.example_kwargs, config=OptimizeConfig(measure=False))

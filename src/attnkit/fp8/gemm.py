@@ -44,10 +44,23 @@ def scaled_gemm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, bias: tor
                                bias=bias if native_bias else None, out_dtype=out_dtype, use_fast_accum=fast_accum)
         return out if bias is None or native_bias else out + bias.to(out_dtype)
     # cuBLAS (torch 2.11, H100/H200) runs blockwise only with E4M3 operands and without fast accumulation
-    # the aten op, not F.scaled_mm: dynamo cannot trace F.scaled_mm's enum handling (a graph break)
-    out = torch._scaled_mm_v2(a.data, b.data.t(), [_block_scale(a)], [_scaling_type(a.granularity)], [],
-                              [_block_scale(b)], [_scaling_type(b.granularity)], [], None, out_dtype, [], False)
+    out = _blockwise_mm(a.data, b.data.t(), _block_scale(a), _scaling_type(a.granularity),
+                        _block_scale(b), _scaling_type(b.granularity), out_dtype)
     return out if bias is None else out + bias.to(out_dtype)
+
+
+# A custom op around ``torch._scaled_mm_v2``: dynamo cannot trace that builtin (torch 2.11: "does not know
+# how to trace the builtin _scaled_mm_v2", a graph break) nor F.scaled_mm's enum handling; an opaque op
+# with a shape-only fake keeps a compiled Float8Linear one graph.
+@torch.library.custom_op("attnkit::fp8_blockwise_mm", mutates_args=())
+def _blockwise_mm(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor, type_a: int,
+                  scale_b: torch.Tensor, type_b: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return torch._scaled_mm_v2(a, b_t, [scale_a], [type_a], [], [scale_b], [type_b], [], None, out_dtype, [], False)
+
+
+@_blockwise_mm.register_fake
+def _blockwise_mm_shape(a, b_t, scale_a, type_a, scale_b, type_b, out_dtype):
+    return a.new_empty((a.shape[0], b_t.shape[1]), dtype=out_dtype)
 
 
 def _scaling_type(granularity: Granularity) -> int:

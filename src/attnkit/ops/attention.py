@@ -13,6 +13,7 @@ import torch
 
 from attnkit.errors import UnsupportedError, check_type, fail
 from attnkit.ops.auto import select_backend
+from attnkit.ops.cache import per_mask
 from attnkit.ops.calls import CALLS, KnownCall, call_key, remember
 from attnkit.ops.inputs import attention_spec, resolve_block_pattern
 from attnkit.ops.options import AttentionOptions
@@ -87,6 +88,8 @@ def attention(
         check_type(options, AttentionOptions, "options")
         mask, causal, scale, dropout_p = options.mask, options.causal, options.scale, options.dropout_p
         dropout_mask, return_lse, q_start, kv_start = options.dropout_mask, options.return_lse, options.q_start, options.kv_start
+    if isinstance(mask, _TENSOR) and _allows_everything(mask):
+        mask = None  # exact, and it opens the unmasked kernels (cuDNN, flash) to the call
     key = call_key(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start)
     known = CALLS.get(key) if key is not None else None
     fresh = known is None and key is not None  # remember it once it has run
@@ -117,6 +120,21 @@ def attention(
     if fresh:
         remember(key, known)
     return (out, lse) if return_lse else out
+
+
+def _allows_everything(mask: torch.Tensor) -> bool:
+    """Whether a tensor mask permits every score unchanged (bool all True, additive all 0).
+
+    Models hand such masks over whenever a batch has no padding (transformers' eager masks, HF models
+    switched to attnkit from eager); dropping them is exact and turns the masked kernel (SDPA's
+    efficient path on CUDA, 2x slower than cuDNN at BERT's shapes) into the unmasked one. The check
+    costs one pass and one device sync per mask object (``per_mask``; the layers of a forward share
+    one mask), as transformers' own SDPA path does; skipped while compiling (no sync in a graph) and
+    for masks that need a gradient.
+    """
+    if mask.requires_grad or torch.compiler.is_compiling() or mask.numel() == 0:
+        return False
+    return per_mask(mask, "allows-everything", lambda: bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()))
 
 
 def _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start) -> KnownCall:
