@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from attnkit.graph import calibrate, load_hardware, parse_dtype, profile_models
+from attnkit.graph import calibrate, load_hardware, profile_models
+from attnkit.utils import parse_dtype
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ import torch._dynamo
 from attnkit.bench import time_fn
 from attnkit.models import build_model
 from attnkit.optimize import Candidate, OptimizeConfig, optimize, pick
-from attnkit.optimize.equivalence import float_tensors
+from attnkit.optimize.compare import float_tensors
 
 CASES = {  # label: (zoo name, seq_len)
     "vit_b_16": ("vit_b_16", None),

@@ -1,6 +1,5 @@
 """profile_models plumbing on CPU with CUDA faked: one failure never hides the other records."""
 
-import importlib
 import json
 
 import pytest
@@ -11,7 +10,6 @@ import attnkit.models as models
 from attnkit.bench.timing import Timing
 from attnkit.graph.profile import ProfileRecord
 
-calibrate_module = importlib.import_module("attnkit.graph.calibrate")  # the package attribute is the function
 
 
 @pytest.fixture
@@ -22,9 +20,9 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(models, "build_model", lambda name, **kw: build(name, **{**kw, "device": "cpu"}))
-    monkeypatch.setattr(profile_module, "kernel_stats", lambda fn, iters=3: (fn(), (42.0, {"gemm": 0.6, "norm": 0.1}))[1])
+    monkeypatch.setattr(profile_module, "kernel_stats", lambda fn, iters=3, group=None: (fn(), (42.0, {"gemm": 0.6, "norm": 0.1}))[1])
     monkeypatch.setattr(profile_module, "time_fn", lambda fn, **kw: Timing(1.0, 1.0, 1.0, 1.0, 1, "fake"))
-    monkeypatch.setattr(calibrate_module, "host_ms", lambda fn, **kw: 0.5)
+    monkeypatch.setattr(profile_module, "host_ms", lambda fn, **kw: 0.5)
     monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
 
 

@@ -291,3 +291,15 @@ def test_mask_that_allows_everything_runs_as_unmasked():
     blocked[0, 0, 3, 5] = True  # in-place edit: the cached verdict is rebuilt (version counter)
     assert op._allows_everything(blocked)
     assert not op._allows_everything(torch.zeros(1, 1, 2, 2, requires_grad=True))  # a learned bias stays
+
+
+def test_masks_made_in_inference_mode_work():
+    """Inference tensors have no version counter; per-mask caching must not touch it."""
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    with torch.inference_mode():
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+        mask[..., 0, 4] = False
+        out = attention(q, k, v, mask=mask)
+        everything = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+        torch.testing.assert_close(attention(q, k, v, mask=everything), attention(q, k, v), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, attention(q, k, v, mask=mask.clone(), backend="reference").float(), rtol=1e-5, atol=1e-5)

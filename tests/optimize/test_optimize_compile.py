@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attnkit.optimize import OptimizeConfig, optimize
-from attnkit.optimize.equivalence import _disable_dropout, float_tensors
+from attnkit.optimize.compare import float_tensors
+from attnkit.optimize.equivalence import _disable_dropout
 from optimize_models import BUILDERS, build
 
 FAST = OptimizeConfig(check=False, measure=False)

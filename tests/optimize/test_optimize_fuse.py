@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnkit.optimize import FusedProjection, FusionGroup, FusionPlan, OptimizeConfig, apply_fusion, optimize, plan_fusion
-from attnkit.optimize.equivalence import float_tensors
+from attnkit.optimize.compare import float_tensors
 
 transformers = pytest.importorskip("transformers")
 T = transformers

@@ -70,7 +70,7 @@ def test_state_dict_keys_and_loading(name):
 
 
 def _tensors(output):
-    from attnkit.optimize.equivalence import float_tensors
+    from attnkit.optimize.compare import float_tensors
 
     return float_tensors(output)
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from attnkit.errors import InvalidArgumentError
 from attnkit.nn import MultiHeadAttention
 from attnkit.optimize import FusedProjection, OptimizeConfig, load_optimized, optimize, save_optimized
-from attnkit.optimize.equivalence import float_tensors
+from attnkit.optimize.compare import float_tensors
 from attnkit.optimize.save import MANIFEST, WEIGHTS
 
 transformers = pytest.importorskip("transformers")

@@ -1,6 +1,14 @@
-"""Timing helpers and benchmarks."""
+"""Every timer (CUDA events, device-only, host dispatch, CPU), kernel counts, and the attention benchmark."""
 
 from attnkit.bench.attention import bench_attention
-from attnkit.bench.timing import Timing, time_fn
+from attnkit.bench.kernels import count_kernels, kernel_stats
+from attnkit.bench.timing import Timing, cpu_ms, device_ms, host_ms, time_fn
 
-__all__ = ["Timing", "time_fn", "bench_attention"]
+__all__ = [
+    # timers
+    "Timing", "time_fn", "device_ms", "host_ms", "cpu_ms",
+    # kernels per call
+    "kernel_stats", "count_kernels",
+    # benchmarks
+    "bench_attention",
+]

@@ -21,6 +21,7 @@ import torch
 from attnkit.bench.timing import time_fn
 from attnkit.errors import AttnkitError, check_arg
 from attnkit.ops import BACKENDS, AttentionSpec, Rule, attention, backend_support, select_backend
+from attnkit.utils.dtypes import parse_dtype
 
 __all__ = [
     "AUTO_TOLERANCE",
@@ -292,7 +293,7 @@ def suggest_rules(report: AttentionBench) -> list[Rule]:
             for record in measured:
                 scores.setdefault(record.backend, []).append(math.log(record.tflops / best))
         ranked = sorted(scores, key=lambda name: -sum(scores[name]) / len(scores[name]))
-        current = select_backend(shapes[0].spec(_device_type(report), getattr(torch, report.dtype))).candidates
+        current = select_backend(shapes[0].spec(_device_type(report), parse_dtype(report.dtype))).candidates
         order = tuple(ranked) + tuple(name for name in current if name not in ranked)
         why = f"measured: {report.device}, torch {report.torch}, {report.date[:10]}, {report.dtype}, hd{head_dim}"
         rules.append(Rule(order=order, why=why, device=_device_type(report), causal=causal, requires_grad=backward, max_head_dim=head_dim))

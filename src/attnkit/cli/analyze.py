@@ -38,12 +38,14 @@ def register(app: typer.Typer) -> None:
         check_inputs(models=model, batch=batch, seq=seq, hardware=hardware, measured=measured,
                      outputs={"--json": json_path, "--markdown": markdown, "--html": html_path})
 
-        from attnkit.graph import analyze, load_hardware, load_measured, parse_dtype, render_report, to_html
+        from attnkit.graph import analyze, load_hardware, load_measured, render_report, to_html
         from attnkit.graph.render import StepProgress
         from attnkit.models import build_model, default_seq_len
 
         profile = load_hardware(hardware)  # argument errors before the slow model build
-        analysis_dtype = parse_dtype(dtype) if dtype else None
+        from attnkit.utils import parse_dtype
+
+        analysis_dtype = parse_dtype(dtype, "--dtype") if dtype else None
         seen = load_measured(measured, model, batch) if measured else None
         progress = StepProgress()
         with progress.step(f"building {model} (batch {batch}, shapes only)"):

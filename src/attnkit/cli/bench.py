@@ -13,8 +13,7 @@ from rich.table import Table
 from attnkit.bench.attention import AttentionBench, BenchRecord, bench_attention, default_grid
 from attnkit.cli._inputs import check_inputs
 from attnkit.errors import check_arg
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from attnkit.utils.dtypes import parse_dtype
 
 
 def render(report: AttentionBench) -> Table:
@@ -56,7 +55,7 @@ def attention_command(
     budget_s: float = typer.Option(None, "--budget-s", help="Stop starting measurements after this many seconds."),
 ) -> None:
     """Time every attention backend and auto over a grid of shapes (TFLOP/s)."""
-    check_arg(dtype in _DTYPES, "--dtype", f"one of {sorted(_DTYPES)}", dtype)
+    torch_dtype = parse_dtype(dtype, "--dtype")
     check_arg(budget_s is None or budget_s > 0, "--budget-s", "a number of seconds > 0", budget_s)
     check_inputs(device=device, backends=backends, outputs={"--json": json_path})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +68,7 @@ def attention_command(
             status.update(f"{record.backend} {record.shape.label}: {_cell(record)}")
 
         report = bench_attention(
-            grid=grid, backends=names, device=device, dtype=_DTYPES[dtype], repeats=repeats, budget_s=budget_s, progress=progress
+            grid=grid, backends=names, device=device, dtype=torch_dtype, repeats=repeats, budget_s=budget_s, progress=progress
         )
     Console().print(render(report))
     if json_path is not None:

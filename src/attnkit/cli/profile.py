@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from attnkit.graph import parse_dtype, profile_models
+        from attnkit.graph import profile_models
+        from attnkit.utils import parse_dtype
 
         gpu = torch.cuda.is_available()
         dtype = dtype or ("bf16" if gpu else "fp32")
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
         eager_only = eager_only or not gpu  # torch.compile on CPU needs a C++ toolchain and is not what the profile models
         console = Console(stderr=True)
         with console.status("profiling") as status:
-            result = profile_models(models, batches=batch, dtype=parse_dtype(dtype), hardware=hardware,
+            result = profile_models(models, batches=batch, dtype=parse_dtype(dtype, "--dtype"), hardware=hardware,
                                     modes=("eager",) if eager_only else ("eager", "compiled"), log=status.update)
         table = Table(title=f"{result.device}, torch {result.torch}")
         for column in ("model", "batch", "mode", "pred. kernels", "meas. kernels", "pred. ms", "meas. ms", "note"):

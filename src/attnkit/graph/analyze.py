@@ -15,9 +15,10 @@ from attnkit.graph.capture import capture
 from attnkit.graph.cost import ModeCost, estimate
 from attnkit.graph.flops import FLOP_CONVENTION, count_ops
 from attnkit.graph.groups import predicted_group
-from attnkit.graph.hardware import HardwareProfile, dtype_key, load_hardware
+from attnkit.graph.hardware import HardwareProfile, dtype_key
 from attnkit.graph.partition import MODES, Partition, fusion_steps, partition
 from attnkit.graph.report import AnalysisReport, AttentionRow, FusionSaving, KernelRow, ModeSummary
+from attnkit.graph.this_machine import load_hardware
 
 __all__ = ["analyze"]
 

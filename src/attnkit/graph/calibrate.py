@@ -28,44 +28,24 @@ Datasheet peaks come from the built-in profile of the same GPU family (or the H1
 from __future__ import annotations
 
 import datetime
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from attnkit.bench import count_kernels, device_ms, host_ms
 from attnkit.errors import UnsupportedError, check_arg
 from attnkit.graph.hardware import HardwareProfile, family_profile
+from attnkit.utils.dtypes import parse_dtype
 
-__all__ = ["calibrate", "host_ms"]
+__all__ = ["calibrate"]
 
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_HALF = ("bf16", "fp16")
 _GEMM_M = (128, 197, 1024, 64 * 197)
 _GEMM_KN = ((768, 768), (768, 2304), (768, 3072), (3072, 768))
 _ATTENTION_SEQ = (128, 197, 256, 512, 1024)
-_SLEEP_CYCLES = 100_000_000  # ~50 ms on a 2 GHz GPU: longer than any host loop timed behind it
 
-
-def _ms(fn: Callable[[], object], repeats: int = 15) -> float:
-    """Median device milliseconds of ``fn()``, the host kept out of the measurement.
-
-    A sleeping kernel is queued first, so every call is enqueued before the GPU reaches it and the
-    events around a call bracket only its kernels. Without it a small GEMM (M = 128..197, ~2-5 us on
-    the GPU) times the ~40 us it takes Python to dispatch it, and the size curve reads 5 TFLOP/s.
-    """
-    for _ in range(3):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    torch.cuda.synchronize()
-    torch.cuda._sleep(_SLEEP_CYCLES)
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def _gemm_curve(dtype: torch.dtype) -> list[list[float]]:
@@ -74,7 +54,7 @@ def _gemm_curve(dtype: torch.dtype) -> list[list[float]]:
     for m, k, n in [(m, k, n) for m in _GEMM_M for k, n in _GEMM_KN] + [(8192, 8192, 8192)]:
         x, w, b = (torch.randn(*shape, device="cuda", dtype=dtype) for shape in ((m, k), (n, k), (n,)))
         flops = 2 * m * k * n
-        points.append([round(flops / 1e9, 4), round(flops / (_ms(lambda: F.linear(x, w, b)) * 1e-3) / 1e12, 1)])
+        points.append([round(flops / 1e9, 4), round(flops / (device_ms(lambda: F.linear(x, w, b)) * 1e-3) / 1e12, 1)])
     return sorted(points)
 
 
@@ -84,7 +64,7 @@ def _misaligned_factor(dtype: torch.dtype, m: int = 8192, k: int = 768) -> float
     rates = []
     for n in (50257, 50264):
         w = torch.randn(n, k, device="cuda", dtype=dtype)
-        rates.append(2 * m * k * n / _ms(lambda: F.linear(x, w), repeats=7))
+        rates.append(2 * m * k * n / device_ms(lambda: F.linear(x, w), repeats=7))
     return round(min(1.0, rates[0] / rates[1]), 3)
 
 
@@ -93,14 +73,14 @@ def _matmul_tflops(dtype: torch.dtype, size: int, tf32: bool) -> float:
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        return 2 * size**3 / (_ms(lambda: a @ b) * 1e-3) / 1e12
+        return 2 * size**3 / (device_ms(lambda: a @ b) * 1e-3) / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _attention_tflops(dtype: torch.dtype, batch: int, heads: int, seq: int) -> float:
     q, k, v = (torch.randn(batch, heads, seq, 64, device="cuda", dtype=dtype) for _ in range(3))
-    seconds = _ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
+    seconds = device_ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
     return round(4 * batch * heads * seq * seq * 64 / seconds / 1e12, 1)
 
 
@@ -108,7 +88,7 @@ def _conv_tflops(dtype: torch.dtype) -> float:
     x = torch.randn(64, 3, 224, 224, device="cuda", dtype=dtype)
     w, b = torch.randn(768, 3, 16, 16, device="cuda", dtype=dtype), torch.randn(768, device="cuda", dtype=dtype)
     flops = 2 * 64 * 196 * 768 * 3 * 16 * 16
-    return round(flops / (_ms(lambda: F.conv2d(x, w, b, stride=16)) * 1e-3) / 1e12, 1)
+    return round(flops / (device_ms(lambda: F.conv2d(x, w, b, stride=16)) * 1e-3) / 1e12, 1)
 
 
 def _bandwidths(launch_us: float) -> dict[str, float]:
@@ -129,7 +109,7 @@ def _bandwidths(launch_us: float) -> dict[str, float]:
         "copy": (lambda: x.view(64, 197, 12, 64).transpose(1, 2).contiguous(), 2 * size),
         "gather": (lambda: F.embedding(ids, table), 2 * ids.numel() * 768 * 2),
     }
-    return {kind: round(nbytes / max(_ms(fn) * 1e-3 - launch_us * 1e-6, 1e-7) / 1e9, 1)
+    return {kind: round(nbytes / max(device_ms(fn) * 1e-3 - launch_us * 1e-6, 1e-7) / 1e9, 1)
             for kind, (fn, nbytes) in cases.items()}
 
 
@@ -137,7 +117,7 @@ def _copy_gbs(gib: float = 1.0) -> float:
     """Device-to-device copy of ``gib`` GiB, bytes read + written per second / 1e9."""
     source = torch.empty(int(gib * 2**30) // 4, device="cuda", dtype=torch.float32)
     target = torch.empty_like(source)
-    return 2 * source.numel() * 4 / (_ms(lambda: target.copy_(source)) * 1e-3) / 1e9
+    return 2 * source.numel() * 4 / (device_ms(lambda: target.copy_(source)) * 1e-3) / 1e9
 
 
 def _device_launch_us(count: int = 1000) -> float:
@@ -151,25 +131,8 @@ def _device_launch_us(count: int = 1000) -> float:
     with torch.cuda.graph(graph):
         for _ in range(count):
             x.add_(1)
-    return _ms(graph.replay) * 1e3 / count
+    return device_ms(graph.replay) * 1e3 / count
 
-
-def host_ms(fn: Callable[[], object], *, busy: bool = False, repeats: int = 15) -> float:
-    """Median host wall time of ``fn()`` in ms, not synchronising inside it.
-
-    ``busy=True`` first queues a sleeping kernel so every launch of ``fn`` finds the GPU backlogged.
-    """
-    fn()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        if busy:
-            torch.cuda._sleep(_SLEEP_CYCLES)
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(samples)
 
 
 class _Repeat(torch.nn.Module):
@@ -208,7 +171,6 @@ def _host_costs() -> dict[str, float]:
     """Host microseconds: module call, view op, kernel launch (idle / busy), compiled launch."""
     from attnkit.graph.capture import capture
     from attnkit.graph.partition import partition
-    from attnkit.graph.profile import count_kernels
 
     x = torch.zeros(2, 16, 32, device="cuda")
     with torch.no_grad():
@@ -275,7 +237,8 @@ def calibrate(log: Callable[[str], None] = print, device: str | None = None) -> 
     rates = {"fp32": round(_matmul_tflops(torch.float32, 4096, False), 1),
              "tf32": round(_matmul_tflops(torch.float32, 8192, True), 1)}
     curves, attention, by_seq, conv, misaligned = {}, {}, {}, {}, {}
-    for key, dtype in _HALF.items():
+    for key in _HALF:
+        dtype = parse_dtype(key)
         log(f"GEMM rate vs size, SDPA rate vs sequence, patch convolution ({key})")
         curves[key] = _gemm_curve(dtype)
         rates[key] = curves[key][-1][1]

@@ -23,13 +23,13 @@ from __future__ import annotations
 import datetime
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from attnkit.bench import cpu_ms
 from attnkit.graph.hardware import HardwareProfile
 
 __all__ = ["calibrate_cpu", "cpu_name"]
@@ -49,26 +49,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _clock() -> Callable[[], float]:
-    """``time.thread_time`` with one torch thread (the op runs on this thread: its CPU time is its wall time
-    on an idle machine, whatever the neighbours do), else ``time.perf_counter``."""
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-
-
-def _ms(fn: Callable[[], object], budget_s: float = 0.4, repeats: int = 30) -> float:
-    """Fastest milliseconds of ``fn()`` (:func:`_clock`) after warm-up, over ``repeats`` calls or ``budget_s``
-    wall seconds, whichever ends first (at least 5). The fastest, not the median: on a shared machine a
-    call that loses a core to another process mid-way (an OpenMP barrier waits for it) measures the
-    neighbours, not the CPU."""
-    for _ in range(2):
-        fn()
-    clock, samples, deadline = _clock(), [], time.perf_counter() + budget_s
-    while len(samples) < repeats and (len(samples) < 5 or time.perf_counter() < deadline):
-        start = clock()
-        fn()
-        samples.append((clock() - start) * 1e3)
-    return min(samples)
-
 
 def _gemm_curve(weights: int = 4) -> list[list[float]]:
     """``[[GFLOP, TFLOP/s], ...]`` ascending (same size measured twice: the faster shape is kept).
@@ -82,7 +62,7 @@ def _gemm_curve(weights: int = 4) -> list[list[float]]:
         ws = [torch.randn(n, k, device="cpu") for _ in range(weights)]
         flops = 2 * m * k * n
         gflop = round(flops / 1e9, 5)
-        seconds = _ms(lambda: [F.linear(x, w, b) for w in ws]) * 1e-3 / weights
+        seconds = cpu_ms(lambda: [F.linear(x, w, b) for w in ws]) * 1e-3 / weights
         rates[gflop] = max(rates.get(gflop, 0.0), flops / seconds / 1e12)
     return [[g, round(r, 4)] for g, r in sorted(rates.items())]
 
@@ -91,7 +71,7 @@ def _attention_curve(heads: int = 12, dim: int = 64) -> list[list[float]]:
     points = []
     for seq in _ATTENTION_SEQ:
         q, k, v = (torch.randn(1, heads, seq, dim, device="cpu") for _ in range(3))
-        seconds = _ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
+        seconds = cpu_ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
         points.append([seq, round(4 * heads * seq * seq * dim / seconds / 1e12, 4)])
     return points
 
@@ -99,7 +79,7 @@ def _attention_curve(heads: int = 12, dim: int = 64) -> list[list[float]]:
 def _conv_tflops() -> float:
     x, w, b = (torch.randn(*shape, device="cpu") for shape in ((1, 3, 224, 224), (768, 3, 16, 16), (768,)))
     flops = 2 * 196 * 768 * 3 * 16 * 16
-    return round(flops / (_ms(lambda: F.conv2d(x, w, b, stride=16)) * 1e-3) / 1e12, 4)
+    return round(flops / (cpu_ms(lambda: F.conv2d(x, w, b, stride=16)) * 1e-3) / 1e12, 4)
 
 
 def _bandwidths(dispatch_us: float) -> dict[str, float]:
@@ -119,7 +99,7 @@ def _bandwidths(dispatch_us: float) -> dict[str, float]:
         "copy": (lambda: x.view(1, 197, 12, 64).transpose(1, 2).contiguous(), 2 * size),
         "gather": (lambda: F.embedding(ids, table), 2 * ids.numel() * 768 * 4),
     }
-    return {kind: round(nbytes / max(_ms(fn) * 1e-3 - dispatch_us * 1e-6, 1e-7) / 1e9, 1)
+    return {kind: round(nbytes / max(cpu_ms(fn) * 1e-3 - dispatch_us * 1e-6, 1e-7) / 1e9, 1)
             for kind, (fn, nbytes) in cases.items()}
 
 
@@ -138,8 +118,8 @@ def _host_us() -> dict[str, float]:
 
     identities = torch.nn.Sequential(*[torch.nn.Identity() for _ in range(count)])
     with torch.no_grad():
-        return {"op": _ms(ops) * 1e3 / count, "view": _ms(views) * 1e3 / count,
-                "module": _ms(lambda: identities(x)) * 1e3 / count}
+        return {"op": cpu_ms(ops) * 1e3 / count, "view": cpu_ms(views) * 1e3 / count,
+                "module": cpu_ms(lambda: identities(x)) * 1e3 / count}
 
 
 def calibrate_cpu(log: Callable[[str], None] = print) -> HardwareProfile:

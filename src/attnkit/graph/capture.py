@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from attnkit.errors import CaptureError, check_type
 from attnkit.graph.fake import fake_cpu_copy, has_meta
+from attnkit.utils.trees import cast_floating
 
 __all__ = ["CapturedGraph", "capture"]
 
@@ -145,11 +145,7 @@ def _cast(model, inputs, kwargs, dtype):
     """Return a cast copy of the model and inputs (the copy keeps the caller's model intact)."""
     if _param_dtype(model) != dtype:
         model = copy.deepcopy(model).to(dtype)
-
-    def cast(value):
-        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-    return model, tree_map(cast, inputs), tree_map(cast, kwargs)
+    return model, cast_floating(inputs, dtype), cast_floating(kwargs, dtype)
 
 
 _GUARD = re.compile(r"Could not guard on data-dependent expression (.+?) \(unhinted")

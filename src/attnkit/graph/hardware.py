@@ -2,8 +2,9 @@
 
 Built-in profiles live in ``hardware_profiles.json`` next to this file (``cpu`` there is a fixed
 16-core AVX-512 server, not the machine at hand); ``attnkit calibrate`` writes a profile of the
-same shape for the GPU or CPU at hand, which :func:`load_hardware` accepts as a path, and
-``"this"`` loads (calibrating once, then cached) the profile of the machine at hand.
+same shape for the GPU or CPU at hand, which :func:`stored_profile` accepts as a path. Measuring
+sits above this module: :func:`attnkit.graph.this_machine.load_hardware` adds ``"this"`` (calibrating
+once, then cached).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from attnkit.errors import InvalidArgumentError, check_arg
 
-__all__ = ["DEFAULT_MISALIGNED_FACTOR", "HardwareProfile", "load_hardware", "list_hardware", "family_profile", "dtype_key", "parse_dtype"]
+__all__ = ["DEFAULT_MISALIGNED_FACTOR", "HardwareProfile", "stored_profile", "list_hardware", "family_profile", "dtype_key"]
 
 DEFAULT_MISALIGNED_FACTOR = 0.3
 """Rate fraction of a misaligned GEMM when a profile lists none: cuBLAS's non-TMA fallback kernels for
@@ -37,16 +38,6 @@ def dtype_key(dtype: torch.dtype) -> str:
     """The rate-table key of ``dtype``: ``torch.bfloat16`` -> ``"bf16"``."""
     check_arg(dtype in _DTYPE_KEYS, "dtype", f"one of {sorted(map(str, _DTYPE_KEYS))}", dtype)
     return _DTYPE_KEYS[dtype]
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bf16"``, ``"bfloat16"``, ``"fp32"``, ``"float16"``... -> the torch dtype."""
-    by_key = {key: dtype for dtype, key in reversed(list(_DTYPE_KEYS.items()))}
-    text = str(name).lower().removeprefix("torch.")
-    dtype = by_key.get(text) or getattr(torch, text, None)
-    check_arg(isinstance(dtype, torch.dtype) and dtype in _DTYPE_KEYS, "dtype",
-              f"one of {sorted(by_key)} or a torch dtype name such as 'bfloat16'", name)
-    return dtype
 
 
 @dataclass(frozen=True)
@@ -205,17 +196,12 @@ def list_hardware() -> list[str]:
     return list(_builtin())
 
 
-def load_hardware(hardware: "str | Path | HardwareProfile") -> HardwareProfile:
-    """A built-in profile by name (``h100``, ``h200``, ``a100``, ``l4``, ``cpu``: a fixed 16-core AVX-512
-    server), ``"this"`` (this machine's GPU, else its CPU at the current thread count: measured on first
-    use and cached, see :mod:`attnkit.graph.this_machine`) or a JSON file from calibrate."""
+def stored_profile(hardware: "str | Path | HardwareProfile") -> HardwareProfile:
+    """A built-in profile by name or a profile JSON file (no measuring; :func:`attnkit.graph.load_hardware`
+    adds ``"this"``, which may calibrate, on top)."""
     if isinstance(hardware, HardwareProfile):
         return hardware
     text = str(hardware)
-    if text.lower() == "this":
-        from attnkit.graph.this_machine import this_machine
-
-        return this_machine()
     key = _ALIASES.get(text.lower(), text.lower())
     if key in _builtin():
         return HardwareProfile.from_json(_builtin()[key], key)

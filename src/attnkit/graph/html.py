@@ -9,10 +9,9 @@ import html
 import math
 from dataclasses import dataclass
 
-import torch
-
 from attnkit.graph.hardware import dtype_key
 from attnkit.graph.report import AnalysisReport, KernelRow
+from attnkit.utils.dtypes import parse_dtype
 
 __all__ = ["to_html", "roofline_svg"]
 
@@ -81,7 +80,7 @@ def roofline_svg(report: AnalysisReport, mode: str) -> str:
     achievable matmul rate and the achievable fused-attention rate for the report's dtype.
     Kernels without FLOPs cannot sit on a log axis; the caption counts them.
     """
-    hw, key = report.hardware, dtype_key(getattr(torch, report.dtype))
+    hw, key = report.hardware, dtype_key(parse_dtype(report.dtype))
     achievable = 1e12 * hw["achievable_tflops"].get(key, hw["achievable_tflops"].get("fp32"))
     peak = 1e12 * hw["peak_tflops"].get(key, achievable / 1e12)
     attention = 1e12 * hw.get("attention_tflops", {}).get(key, achievable / 2e12)

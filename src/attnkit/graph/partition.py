@@ -104,10 +104,6 @@ class Kernel:
         """Arithmetic intensity in FLOPs per byte."""
         return self.flops / self.bytes if self.bytes else 0.0
 
-    def bound(self, ridge_flops_per_byte: float) -> str:
-        """``"compute"`` if the intensity is at or above the hardware ridge point, else ``"memory"``."""
-        return "compute" if self.intensity >= ridge_flops_per_byte else "memory"
-
     def __repr__(self) -> str:
         return f"Kernel({self.name!r}, ops={len(self.ops)}, GFLOP={self.flops / 1e9:.3f}, MB={self.bytes / 1e6:.2f})"
 

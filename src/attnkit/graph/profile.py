@@ -23,16 +23,15 @@ from pathlib import Path
 
 import torch
 
-from attnkit.bench import time_fn
+from attnkit.bench import host_ms, kernel_stats, time_fn
 from attnkit.errors import check_arg
 from attnkit.graph.analyze import analyze
 from attnkit.graph.groups import measured_group
 from attnkit.graph.hardware import HardwareProfile
 
-__all__ = ["ProfileRecord", "ProfileResult", "kernel_stats", "count_kernels", "profile_models", "load_measured"]
+__all__ = ["ProfileRecord", "ProfileResult", "profile_models", "load_measured"]
 
 _MODES = ("eager", "compiled")
-_LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel")
 
 
 @dataclass(frozen=True)
@@ -111,36 +110,6 @@ class ProfileResult:
         return {**asdict(self), "records": [r.to_json() for r in self.records]}
 
 
-def kernel_stats(fn: Callable[[], object], iters: int = 3) -> tuple[float, dict[str, float]]:
-    """CUDA kernels launched per call of ``fn`` (after one warm-up call), memcpy/memset excluded,
-    and their device milliseconds per call by kernel group.
-
-    Counts the device-side kernel events; if the profiler surfaced none, counts the host-side
-    launch calls (``cudaLaunchKernel``, ``cuLaunchKernel``...) instead (and no group times).
-    """
-    fn()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(("Memcpy", "Memset", "[memory]"))]
-    groups: dict[str, float] = {}
-    for event in kernels:
-        group = measured_group(event.name)
-        groups[group] = groups.get(group, 0.0) + event.time_range.elapsed_us() / 1e3 / iters
-    if not kernels:
-        kernels = [e for e in events if e.name.startswith(_LAUNCH_CALLS)]
-    return len(kernels) / iters, groups
-
-
-def count_kernels(fn: Callable[[], object], iters: int = 3) -> float:
-    """CUDA kernels launched per call of ``fn`` (see :func:`kernel_stats`)."""
-    return kernel_stats(fn, iters)[0]
-
 
 def _failure(error: Exception) -> str:
     return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
@@ -148,8 +117,6 @@ def _failure(error: Exception) -> str:
 
 def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileRecord:
     """Fill in the measured kernels, latency, host time and group times of ``record`` (latency only on a CPU)."""
-    from attnkit.graph.calibrate import host_ms
-
     model = torch.compile(zoo.model, dynamic=False) if record.mode == "compiled" else zoo.model
 
     def run():
@@ -165,7 +132,7 @@ def _measure(record: ProfileRecord, zoo, log: Callable[[str], None]) -> ProfileR
             f"(predicted {record.predicted_ms if record.predicted_ms is None else round(record.predicted_ms, 3)})")
         return replace(record, measured_ms=timing.median_ms)
     try:
-        kernels, groups = kernel_stats(run)
+        kernels, groups = kernel_stats(run, group=measured_group)
         timing = time_fn(run, warmup=5, repeats=20, device="cuda")
         host = host_ms(run, repeats=5)
     except Exception as error:  # e.g. a compile failure: record it, keep going

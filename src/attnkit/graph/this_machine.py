@@ -1,4 +1,6 @@
-"""``--hardware this``: the measured profile of the machine at hand, calibrated once and cached.
+"""``--hardware this``: the measured profile of the machine at hand, calibrated once and cached, and
+:func:`load_hardware`, which resolves every ``--hardware`` value (names and files via
+:func:`attnkit.graph.hardware.stored_profile`).
 
 The cache file is ``$XDG_CACHE_HOME/attnkit/hardware-<id>.json`` (``~/.cache/attnkit`` by default),
 ``<id>`` naming the device, the thread count (CPU) and the torch version: a profile measured with
@@ -16,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from attnkit.graph.hardware import HardwareProfile
+from attnkit.graph.hardware import HardwareProfile, stored_profile
 
-__all__ = ["this_machine", "cache_path"]
+__all__ = ["load_hardware", "this_machine", "cache_path"]
 
 
 def _slug(text: str) -> str:
@@ -61,3 +63,12 @@ def this_machine(log: Callable[[str], None] | None = None, *, refresh: bool = Fa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile.to_json(), indent=1))
     return replace(profile, key="this")
+
+
+def load_hardware(hardware: str | Path | HardwareProfile) -> HardwareProfile:
+    """A built-in profile by name (``h100``, ``h200``, ``a100``, ``l4``, ``cpu``: a fixed 16-core AVX-512
+    server), ``"this"`` (this machine's GPU, else its CPU at the current thread count: measured on first
+    use and cached, see :func:`this_machine`) or a JSON file from calibrate."""
+    if isinstance(hardware, str) and hardware.lower() == "this":
+        return this_machine()
+    return stored_profile(hardware)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import nn
 
 from attnkit.errors import check_arg, check_type, fail
 from attnkit.models.base import ZooModel
+from attnkit.utils.trees import cast_floating
 
 __all__ = ["ZooModel", "build_model", "list_models", "default_seq_len"]
 
@@ -123,8 +123,8 @@ def build_model(
     zoo_model.model.eval().to(device=device)
     return replace(
         zoo_model,
-        example_inputs=tuple(_move(x, dtype, device) for x in zoo_model.example_inputs),
-        example_kwargs={k: _move(v, dtype, device) for k, v in zoo_model.example_kwargs.items()},
+        example_inputs=cast_floating(tuple(zoo_model.example_inputs), dtype, device),
+        example_kwargs=cast_floating(dict(zoo_model.example_kwargs), dtype, device),
     )
 
 
@@ -176,9 +176,3 @@ def _random_init_(model: nn.Module, std: float = 0.02) -> None:
             if noise is not param:
                 param.copy_(noise)
 
-
-def _move(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """Tensors to ``device``; floating ones also to ``dtype``; everything else unchanged."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)

@@ -39,13 +39,18 @@ def clear_caches() -> None:
         clear()
 
 
+def _is_inference(mask: Any) -> bool:
+    """Inference-mode tensors have no version counter, so an in-place edit could not be seen: not cached."""
+    return isinstance(mask, torch.Tensor) and mask.is_inference()
+
+
 def per_mask(mask: Any, key: Hashable, build: Callable[[], Any]) -> Any:
     """``build()`` once per ``(mask object, key)``; rebuilt after an in-place change to the mask.
 
-    Not cached (built every call) while tracing, or when the mask needs a gradient (the result
-    would hold a stale autograd graph).
+    Not cached (built every call) while tracing, when the mask needs a gradient (the result
+    would hold a stale autograd graph), or for inference-mode tensors (no version counter).
     """
-    if _is_compiling() or getattr(mask, "requires_grad", False):
+    if _is_compiling() or getattr(mask, "requires_grad", False) or _is_inference(mask):
         return build()
     version = getattr(mask, "_version", 0)  # tensors count in-place writes; other masks are immutable
     entry = _PER_MASK.get(mask)

@@ -12,7 +12,7 @@ from torch import nn
 from attnkit.errors import check_arg, check_type
 from attnkit.nn import MultiHeadAttention
 from attnkit.ops import BACKENDS, AttentionSpec, select_backend
-from attnkit.optimize.config import OptimizeConfig, parse_dtype
+from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.fuse import apply_fusion, plan_fusion
 from attnkit.optimize.hf_interface import record_calls
@@ -20,6 +20,8 @@ from attnkit.optimize.hf_models import Switch, backend_uses, describe_calls, rev
 from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
 from attnkit.optimize.rewrite import ModuleFilterFn, Skip, nested_tensor_twin, rewrite_modules
 from attnkit.optimize.select import select_variant
+from attnkit.utils.dtypes import parse_dtype
+from attnkit.utils.trees import cast_floating
 
 __all__ = ["optimize", "measure_latency"]
 
@@ -199,7 +201,7 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> nn.Module:
     """The fastest of the original and the rewritten model (eager, and compiled if allowed), timed; recorded in ``report``."""
-    a, k = _cast(args, config.dtype), _cast(kwargs, config.dtype)
+    a, k = cast_floating(args, config.dtype), cast_floating(kwargs, config.dtype)
     chosen, selection = select_variant(
         _in_dtype(reference, config.dtype), optimized, lambda module: module(*a, **k), rewrite_passed=report.passed,
         compile_mode=config.compile, warmup=config.warmup, repeats=config.repeats, device=_device_of(optimized),
@@ -217,15 +219,6 @@ def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dic
     return chosen
 
 
-def _cast(value, dtype):
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() and dtype is not None else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
-
 
 def _record_backends(model: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> None:
     """Run one eval forward so every rewritten attention decides its backend, then list the decisions."""
@@ -239,7 +232,7 @@ def _record_backends(model: nn.Module, args: tuple, kwargs: dict, config: Optimi
         with torch.no_grad(), record_calls() as calls:
             was_training = model.training
             model.eval()
-            model(*_cast(args, config.dtype), **_cast(kwargs, config.dtype))
+            model(*cast_floating(args, config.dtype), **cast_floating(kwargs, config.dtype))
             model.train(was_training)
     finally:
         for hook in hooks:
@@ -284,7 +277,7 @@ def measure_latency(original: nn.Module, optimized: nn.Module, args: tuple, kwar
     baseline = _in_dtype(original, config.dtype)
     baseline.eval()
     optimized.eval()
-    a, k = _cast(args, config.dtype), _cast(kwargs, config.dtype)
+    a, k = cast_floating(args, config.dtype), cast_floating(kwargs, config.dtype)
     with torch.inference_mode():
         before = time_fn(lambda: baseline(*a, **k), warmup=config.warmup, repeats=config.repeats)
         after = time_fn(lambda: optimized(*a, **k), warmup=config.warmup, repeats=config.repeats)

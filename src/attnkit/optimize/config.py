@@ -7,28 +7,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from attnkit.errors import check_arg, check_type
+from attnkit.utils.dtypes import parse_dtype
 
-__all__ = ["OptimizeConfig", "PRESETS", "parse_dtype"]
+__all__ = ["OptimizeConfig", "PRESETS"]
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 _COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 _HF_MASKS = ("sdpa", "keep")
-
-
-def parse_dtype(value: torch.dtype | str | None, parameter: str = "dtype") -> torch.dtype | None:
-    """``torch.bfloat16``, ``"bf16"``, ``"bfloat16"`` ... -> ``torch.dtype`` (None stays None)."""
-    if value is None or isinstance(value, torch.dtype):
-        check_arg(value is None or value in _DTYPES.values(), parameter, "float32, bfloat16 or float16", value)
-        return value
-    check_arg(isinstance(value, str) and value.lower() in _DTYPES, parameter, f"a dtype or one of {sorted(_DTYPES)}", value)
-    return _DTYPES[value.lower()]
 
 
 @dataclass(frozen=True)
@@ -84,7 +68,7 @@ class OptimizeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype, allow_none=True))
         check_type(self.backend, str, "backend")
         for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "patchify_gemm", "select", "inplace", "check", "check_training", "measure"):
             check_type(getattr(self, name), bool, name)

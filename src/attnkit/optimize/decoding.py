@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnkit.optimize.equivalence import fp32_check, float_tensors, full_fp32, named_inputs
+from attnkit.optimize.compare import float_tensors, fp32_check, full_fp32, named_inputs
 from attnkit.optimize.report import Check
+from attnkit.utils.trees import cast_floating
 
 __all__ = ["decoding_checks"]
 
@@ -101,7 +102,7 @@ def _decode(model: nn.Module, plan: dict, keyword: str, seed: int) -> list[torch
     """Every float output of the prefill and of each cached step (None when no cache comes back)."""
     model = copy.deepcopy(model).float().eval()
     ids, mask, key, steps = plan["ids"], plan["mask"], plan["key"], plan["steps"]
-    base = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in plan["base"].items()}
+    base = cast_floating(plan["base"], torch.float32)
     prefill = ids.shape[1] - steps
     outputs: list[torch.Tensor] = []
     with full_fp32(seed), torch.no_grad():
@@ -141,7 +142,7 @@ def _generate(model: nn.Module, inputs: dict, seed: int) -> torch.Tensor:
         do_sample=False, num_beams=1, max_new_tokens=_NEW_TOKENS, min_new_tokens=_NEW_TOKENS, max_length=None,
         pad_token_id=pad, use_cache=True,
     )  # fmt: skip
-    inputs = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    inputs = cast_floating(inputs, torch.float32)
     with full_fp32(seed), torch.no_grad():
         return GenerationMixin.generate(model, **inputs, generation_config=config)
 

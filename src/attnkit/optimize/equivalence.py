@@ -28,66 +28,27 @@ decoders get the cached-decoding and ``generate()`` checks of :mod:`attnkit.opti
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
-from typing import Any
 
 import torch
 from torch import nn
 
 from attnkit.nn import MultiHeadAttention
+from attnkit.optimize.compare import float_tensors, fp32_check, full_fp32, named_inputs, tensor_errors
 from attnkit.optimize.config import OptimizeConfig
+from attnkit.optimize.decoding import decoding_checks
 from attnkit.optimize.report import Check
+from attnkit.utils.trees import cast_floating
 
-__all__ = ["check_equivalence", "float_tensors", "named_inputs"]
+__all__ = ["check_equivalence"]
 
-_FLOOR = 1e-3
 # Float attributes that attention and layer code read as a probability of dropping something.
 _DROPOUT_FLOATS = ("dropout", "attention_dropout", "dropout_p", "attn_pdrop", "dropout_prob", "layerdrop", "drop_prob")
 # Stochastic-depth modules (timm/transformers DropPath, torchvision StochasticDepth): identity in eval.
 _STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")
 
-
-def float_tensors(value: Any) -> list[torch.Tensor]:
-    """Every floating tensor inside a model output (tensors, tuples, lists, dicts, ModelOutputs), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in float_tensors(item)]
-    return []
-
-
-def named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    """``args`` and ``kwargs`` by the names of ``model.forward``'s parameters (None if they do not bind)."""
-    try:
-        signature = inspect.signature(model.forward)
-        bound = signature.bind_partial(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        return None
-    named: dict[str, Any] = {}
-    for name, value in bound.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL and value:
-            return None
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif kind is not inspect.Parameter.VAR_POSITIONAL:
-            named[name] = value
-    return named
-
-
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
 
 
 def _is_stochastic_depth(module: nn.Module) -> bool:
@@ -129,23 +90,6 @@ def _gradients_by_state_key(model: nn.Module, keys: set[str]) -> dict[str, torch
     return {key: value for key, value in state.items() if key in keys}
 
 
-@contextlib.contextmanager
-def full_fp32(seed: int | None = None):
-    """fp32 matmuls and convolutions in full fp32 (no TF32), and with ``seed`` a private, seeded
-    random stream (so two models draw the same numbers); everything restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            if seed is not None:
-                torch.manual_seed(seed)
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
-
-
 def _run(model: nn.Module, args: tuple, kwargs: dict, *, dtype: torch.dtype, train: bool, seed: int, keys: set[str]):
     """(outputs, gradients or None) of a copy of ``model`` in ``dtype`` (fp32 without TF32, seeded)."""
     with full_fp32(seed):
@@ -154,7 +98,7 @@ def _run(model: nn.Module, args: tuple, kwargs: dict, *, dtype: torch.dtype, tra
 
 def _run_copy(model: nn.Module, args: tuple, kwargs: dict, *, dtype: torch.dtype, train: bool, seed: int, keys: set[str]):
     model = copy.deepcopy(model).to(dtype)
-    args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+    args, kwargs = cast_floating(args, dtype), cast_floating(kwargs, dtype)
     if not train:
         model.eval()
         with torch.no_grad():
@@ -168,30 +112,9 @@ def _run_copy(model: nn.Module, args: tuple, kwargs: dict, *, dtype: torch.dtype
     return [t.detach() for t in outputs], _gradients_by_state_key(model, keys)
 
 
-def _errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[tuple[float, float]]:
-    """Per tensor: (max abs error, scale), scale = ``max|ref|`` floored at ``_FLOOR`` x the largest
-    ``max|ref|`` of the set (some gradients are zero in exact arithmetic, e.g. of a key bias)."""
-    assert len(got) == len(ref), (len(got), len(ref))
-    result = []
-    for a, b in zip(got, ref):
-        assert a.shape == b.shape, (a.shape, b.shape)
-        a, b = a.double(), b.double()
-        result.append(((a - b).abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0))
-    largest = max((scale for _, scale in result), default=0.0)
-    return [(err, max(scale, _FLOOR * largest)) for err, scale in result]
-
-
-def fp32_check(what: str, mode: str, got, ref, rtol: float) -> Check:
-    errors = _errors(got, ref)
-    max_rel = max((err / max(scale, 1e-30) for err, scale in errors), default=0.0)
-    max_abs = max((e for e, _ in errors), default=0.0)
-    rule = f"|opt-orig| <= {rtol:g} max|orig|"
-    return Check(what, mode, "float32", max_abs, max_rel, rtol, rule, max_rel <= rtol, ratio=max_rel / rtol, tensors=len(errors))
-
-
 def _dtype_check(what: str, mode: str, dtype: torch.dtype, got, base, ref, factor: float) -> Check:
     """``got`` and ``base`` (the original) in ``dtype``, ``ref`` the original in float64."""
-    opt_errors, base_errors = _errors(got, ref), _errors(base, ref)
+    opt_errors, base_errors = tensor_errors(got, ref), tensor_errors(base, ref)
     eps = torch.finfo(dtype).eps
     ratios, bounds = [], []
     for (err, scale), (base_err, _) in zip(opt_errors, base_errors):
@@ -223,8 +146,6 @@ def check_equivalence(
     padding (token inputs given without a mask), ``dropout`` in train mode, and for decoders the
     cached-decoding and ``generate()`` checks (fp32). What could not be checked is appended to ``notes``.
     """
-    from attnkit.optimize.decoding import decoding_checks
-
     keys = {name for name, _ in original.named_parameters()}
     trainable = config.check_training and any(p.requires_grad for p in original.parameters())
     modes = ("eval", "train") if trainable else ("eval",)

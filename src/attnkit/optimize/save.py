@@ -33,6 +33,7 @@ from attnkit.errors import check_arg, check_type, fail
 from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.fuse import FusionPlan, apply_fusion, fused_groups
 from attnkit.optimize.report import OptimizationReport
+from attnkit.utils.dtypes import parse_dtype
 
 __all__ = ["MANIFEST", "WEIGHTS", "save_optimized", "load_optimized"]
 
@@ -164,5 +165,5 @@ def _replay(model: nn.Module, manifest: dict) -> nn.Module:
     paths = set(manifest["rewrites"])
     if paths:
         model, _ = optimize(model, config=config, module_filter_fn=lambda module, fqn: fqn in paths)
-    model = model.to(getattr(torch, manifest["dtype"]))
+    model = model.to(parse_dtype(manifest["dtype"]))
     return apply_fusion(model, FusionPlan.from_json(manifest["fusion"]))

@@ -30,7 +30,9 @@ import torch
 
 from attnkit.errors import UnsupportedError
 from attnkit.ops import AttentionSpec, attention, backend_support
-from attnkit.validate.config import BackendFn, ValidateConfig, dtype_name
+from attnkit.utils.dtypes import dtype_name
+from attnkit.utils.trees import cast_floating
+from attnkit.validate.config import BackendFn, ValidateConfig
 from attnkit.validate.intercept import force_backend
 from attnkit.validate.sites import AttentionLayer
 
@@ -251,10 +253,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 def cast_inputs(values: Any, dtype: torch.dtype) -> Any:
     """Floating tensors in ``values`` (tuple or dict) cast to ``dtype``; token ids and masks kept."""
-    cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-    if isinstance(values, dict):
-        return {key: cast(x) for key, x in values.items()}
-    return tuple(cast(x) for x in values)
+    return cast_floating(values, dtype)
 
 
 def model_output(model: torch.nn.Module, inputs: tuple, kwargs: dict, dtype: torch.dtype, backend: Any = None) -> torch.Tensor:

@@ -12,34 +12,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from attnkit.errors import check_arg, check_type, fail
+from attnkit.errors import check_arg, check_type
 from attnkit.ops import BACKENDS
+from attnkit.utils.dtypes import dtype_name, parse_dtype
 from attnkit.validate.accuracy import cast_inputs, check_model_output, low_precision_copy, reference_output, run_accuracy
 from attnkit.validate.compatibility import environment, layer_support
 from attnkit.validate.compile_amp import check_autocast, check_compile
-from attnkit.validate.config import STAGES, ValidateConfig, dtype_name
+from attnkit.validate.config import STAGES, ValidateConfig
 from attnkit.validate.performance import time_layers, time_model
 from attnkit.validate.recommend import recommend
 from attnkit.validate.report import ValidationReport
 from attnkit.validate.sites import find_layers
 
-__all__ = ["validate", "parse_dtype"]
-
-_DTYPE_ALIASES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}  # fmt: skip
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16`` (fp16 and fp32 alike)."""
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPE_ALIASES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPE_ALIASES:
-        return _DTYPE_ALIASES[dtype.lower()]
-    fail("dtype", "one of bf16, fp16, fp32 (or torch.bfloat16, ...)", dtype)
-
+__all__ = ["validate"]
 
 def _load_model(model_or_name: Any, example_inputs, example_kwargs, dtype, device, batch_size, seq_len) -> tuple[str, nn.Module, tuple, dict]:
     if isinstance(model_or_name, str):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.bench import time_fn
+from attnkit.utils.dtypes import parse_dtype
 from attnkit.validate.accuracy import ErrorStats, error_stats, low_precision_copy, model_output
 from attnkit.validate.config import ValidateConfig
 
@@ -83,7 +84,7 @@ def check_autocast(model, inputs, kwargs, reference: torch.Tensor, config: Valid
     full = low_precision_copy(model, torch.float32)
     results = []
     for name in config.amp_dtypes:
-        dtype = getattr(torch, name)
+        dtype = parse_dtype(name, "amp_dtypes")
         result = CompileAmpResult(f"autocast:{name}", "pass")
         try:
             with torch.autocast(device.type, dtype=dtype):

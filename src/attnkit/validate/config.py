@@ -11,7 +11,6 @@ __all__ = ["STAGES", "PRESETS", "ValidateConfig", "BackendFn"]
 
 STAGES = ("compatibility", "accuracy", "performance", "compile_amp")
 PRESETS = ("quick", "default", "thorough")
-_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 BackendFn = Callable[..., object]
 """A backend under test: a callable with the signature of ``attnkit.ops.attention``
@@ -104,7 +103,3 @@ class ValidateConfig:
         record["extra_backends"] = sorted(self.extra_backends)
         return record
 
-
-def dtype_name(dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from attnkit.ops import AttentionSpec, attention_spec
+from attnkit.utils.dtypes import parse_dtype
 from attnkit.validate.intercept import SdpaCall, intercept_sdpa
 
 __all__ = ["AttentionLayer", "find_layers", "spec_from_json"]
@@ -48,7 +49,7 @@ class AttentionLayer:
 
 def spec_from_json(record: dict) -> AttentionSpec:
     """Inverse of ``AttentionSpec.to_json``."""
-    return AttentionSpec(**{**record, "dtype": getattr(torch, record["dtype"])})
+    return AttentionSpec(**{**record, "dtype": parse_dtype(record["dtype"])})
 
 
 def _explicit_scale(scale: float | None, head_dim: int) -> float | None:
