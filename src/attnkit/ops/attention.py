@@ -88,7 +88,7 @@ def attention(
         check_type(options, AttentionOptions, "options")
         mask, causal, scale, dropout_p = options.mask, options.causal, options.scale, options.dropout_p
         dropout_mask, return_lse, q_start, kv_start = options.dropout_mask, options.return_lse, options.q_start, options.kv_start
-    if isinstance(mask, _TENSOR) and _allows_everything(mask):
+    if isinstance(mask, _TENSOR) and _well_formed(mask, q, k) and _allows_everything(mask):
         mask = None  # exact, and it opens the unmasked kernels (cuDNN, flash) to the call
     key = call_key(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start)
     known = CALLS.get(key) if key is not None else None
@@ -120,6 +120,17 @@ def attention(
     if fresh:
         remember(key, known)
     return (out, lse) if return_lse else out
+
+
+def _well_formed(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """A mask the full checks would accept (bool or floating, q's device, broadcastable to (B, Hq, Sq, Skv)),
+    so dropping an all-permitting one can never hide a user's mistake from ``attention_spec``."""
+    if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.device != q.device or mask.dim() > 4:
+        return False
+    if q.dim() != 4 or k.dim() != 4:
+        return False
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return all(size in (1, want) for size, want in zip(reversed(mask.shape), reversed(target)))
 
 
 def _allows_everything(mask: torch.Tensor) -> bool:
