@@ -50,6 +50,10 @@ class Case:
     dim_v: int | None = None
     mesh: tuple[int, int] | None = None
     """``(ring, ulysses)`` sizes for ``method="hybrid"``."""
+    window: int | None = None
+    """Causal sliding window in tokens (ring only)."""
+    documents: tuple[int, ...] | None = None
+    """Packed document lengths summing to ``seq`` (ring only)."""
     fault: str | None = None
     """A planted bug (see ``_planted``) that the comparison must catch."""
     seed: int = 0
@@ -58,6 +62,7 @@ class Case:
         parts = [self.method + (f"{self.mesh[0]}x{self.mesh[1]}" if self.mesh else ""), self.layout, "causal" if self.causal else "full", str(self.dtype).removeprefix("torch.")]
         parts += [f"B{self.batch}", f"H{self.heads}kv{self.heads_kv}", f"S{self.seq}", f"D{self.dim}"]
         parts += ([f"Dv{self.dim_v}"] if self.dim_v else []) + ([f"fault={self.fault}"] if self.fault else [])
+        parts += ([f"window{self.window}"] if self.window else []) + ([f"docs{'+'.join(map(str, self.documents))}"] if self.documents else [])
         return "-".join(parts)
 
     def shard(self, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -85,6 +90,26 @@ class Case:
             "grad_out": randn(self.batch, self.heads, seq, dim_v),
             "grad_lse": randn(self.batch, self.heads, seq),
         }
+
+    def document_ids(self) -> torch.Tensor | None:
+        """``(1, S)`` int64 document id of every position, or None."""
+        if self.documents is None:
+            return None
+        assert sum(self.documents) == self.seq, self.documents
+        return torch.repeat_interleave(torch.arange(len(self.documents)), torch.tensor(self.documents)).unsqueeze(0)
+
+    def mask(self) -> torch.Tensor | None:
+        """The whole sequence's bool mask ``(1, 1, S, S)`` beyond causal (window, documents), or None."""
+        if self.window is None and self.documents is None:
+            return None
+        positions = torch.arange(self.seq)
+        allowed = torch.ones(self.seq, self.seq, dtype=torch.bool)
+        if self.window is not None:
+            allowed &= positions.unsqueeze(1) - positions < self.window
+        if self.documents is not None:
+            ids = self.document_ids()[0]
+            allowed &= ids.unsqueeze(1) == ids
+        return allowed[None, None]
 
 
 # ---------------------------------------------------------------- spawning ranks
@@ -138,11 +163,33 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict[str, torch.Tensor]
     inputs = {name: case.shard(x, rank, world_size) for name, x in case.inputs().items()}
     q, k, v = (inputs[name].to(case.dtype).requires_grad_(True) for name in "qkv")
     where = {"group": None} if case.mesh is None else {"mesh": _mesh(case.mesh)}
-    with _planted(case.fault):
+    if case.window is not None:
+        where["window"] = case.window
+    if case.documents is not None:
+        where["document_ids"] = shard(case.document_ids(), rank, world_size, layout=case.layout, dim=1)
+    with _planted(case.fault), _counted() as calls:
         out, lse = METHODS[case.method](q, k, v, causal=case.causal, layout=case.layout, return_lse=True, **where)
         loss = (out.double() * inputs["grad_out"]).sum() + (lse.double() * inputs["grad_lse"]).sum()
         loss.backward()
-    return {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad, "kernel_calls": calls[0]}
+
+
+@contextmanager
+def _counted():
+    """Count the ring's block forward calls (the work its schedule did not skip)."""
+    import attnkit.parallel.ring as ring
+
+    calls, original = [0], ring.forward_with_lse
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    ring.forward_with_lse = counting
+    try:
+        yield calls
+    finally:
+        ring.forward_with_lse = original
 
 
 @cache
@@ -154,29 +201,27 @@ def _mesh(shape: tuple[int, int]):
 def _planted(fault: str | None):
     """Temporarily break the ring in one of the ways a plausible implementation goes wrong."""
     import attnkit.parallel.ring as ring
+    import attnkit.parallel.schedule as schedule
 
     if fault is None:
         yield
         return
-    saved = ring.merge_partials, ring._block
+    saved = ring.merge_partials, schedule._unmasked
     if fault == "average":  # average partial outputs instead of weighting them by their lse
         ring.merge_partials = lambda a, la, b, lb: ((a.float() + b.float()) / 2, torch.logaddexp(la.float(), lb.float()))
     elif fault == "zigzag_order":  # pair each query half with the wrong key half
         original = saved[1]
 
         def swapped(layout, causal, rank, source, seq_local):
-            block = original(layout, causal, rank, source, seq_local)
-            if block is None or block.causal or block.keys == slice(None):
-                return block
-            return block._replace(keys=slice(seq_local // 2, None))
+            return [p if p.causal or p.keys == slice(None) else p._replace(keys=slice(seq_local // 2, None)) for p in original(layout, causal, rank, source, seq_local)]
 
-        ring._block = swapped
+        schedule._unmasked = swapped
     else:
         raise ValueError(fault)
     try:
         yield
     finally:
-        ring.merge_partials, ring._block = saved
+        ring.merge_partials, schedule._unmasked = saved
 
 
 # ---------------------------------------------------------------- checking
@@ -191,6 +236,8 @@ def reference(case: Case) -> dict[str, torch.Tensor]:
     if case.causal:
         seq = q.shape[2]
         scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    if case.mask() is not None:
+        scores = scores.masked_fill(~case.mask(), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.softmax(scores, dim=-1) @ v.repeat_interleave(group, dim=1)
     ((out * inputs["grad_out"]).sum() + (lse * inputs["grad_lse"]).sum()).backward()
@@ -201,8 +248,9 @@ def single_process(case: Case) -> dict[str, torch.Tensor]:
     """The same tensors from the single-process kernels (``ops.kernels``) in the case's dtype."""
     inputs = case.inputs()
     q, k, v, grad_out = (inputs[name].to(case.dtype) for name in ("q", "k", "v", "grad_out"))
-    out, lse = forward_with_lse(q, k, v, causal=case.causal)
-    dq, dk, dv = backward_from_lse(grad_out, q, k, v, out, lse, causal=case.causal, grad_lse=inputs["grad_lse"].float())
+    out, lse = forward_with_lse(q, k, v, causal=case.causal, mask=case.mask())
+    grad_lse = inputs["grad_lse"].to(lse.dtype)
+    dq, dk, dv = backward_from_lse(grad_out, q, k, v, out, lse, causal=case.causal, grad_lse=grad_lse, mask=case.mask())
     return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 

@@ -15,6 +15,15 @@ causal blocks) and ``_efficient_attention_forward`` (``custom_mask_type=2``: cau
 right), each with its matching backward. Elsewhere, and for what no kernel takes (float64, odd head
 dims), an exact plain-PyTorch path computes in float32 (float64 for float64 inputs).
 
+Precision: ``lse`` comes back in ``promote_types(q.dtype, float32)`` (float64 for float64 inputs, so
+chained merges stay exact). With ``accumulate=True`` the plain path also returns ``out`` and the
+gradients in that dtype, so a caller that sums blocks (ring attention) rounds once, at the end; the
+CUDA kernels write ``out``/``dq``/``dk``/``dv`` in q's dtype themselves (bf16 in, bf16 out), so
+their per-block results keep one bf16 rounding each before the caller's float32 sum.
+
+A ``mask`` (bool, True = attend, broadcastable to ``(B, 1, Sq, Skv)``; sliding windows and packed
+documents under context parallelism) runs on the plain path on every device.
+
 Bottom-right causal with ``Sq > Skv`` leaves the first ``Sq - Skv`` query rows with no key: those
 rows are cut off before any kernel runs (kernels disagree on them) and come back as zeros with
 ``lse = -inf`` and zero gradient.
@@ -46,30 +55,38 @@ def _grouped(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return q.reshape(batch, heads_kv, (heads_q // heads_kv) * seq, dim)
 
 
-def _plain_scores(q, k, causal: bool, scale: float, acc: torch.dtype) -> torch.Tensor:
-    """Scaled, causally masked scores ``(B, Hkv, G*Sq, Skv)`` in ``acc``."""
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the plain path computes in and ``lse`` comes back in: float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _plain_scores(q, k, causal: bool, scale: float, acc: torch.dtype, mask=None) -> torch.Tensor:
+    """Scaled, masked scores ``(B, Hkv, G*Sq, Skv)`` in ``acc``."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
     scores = (_grouped(q.to(acc), k.shape[1]) @ k.to(acc).transpose(-2, -1)) * scale
     if causal:
-        rows = torch.arange(seq_q, device=q.device).repeat(q.shape[1] // k.shape[1]).unsqueeze(-1)
+        rows = torch.arange(seq_q, device=q.device).repeat(group).unsqueeze(-1)
         scores = scores.masked_fill(torch.arange(seq_kv, device=q.device) > rows + (seq_kv - seq_q), _NEG_INF)
+    if mask is not None:  # (B or 1, 1, Sq, Skv) -> (B or 1, 1, G*Sq, Skv), the grouped row order
+        scores = scores.masked_fill(~mask.repeat(1, 1, group, 1), _NEG_INF)
     return scores
 
 
-def _plain_forward(q, k, v, causal, scale):
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = _plain_scores(q, k, causal, scale, acc)
+def _plain_forward(q, k, v, causal, scale, mask=None, accumulate=False):
+    acc = _acc(q.dtype)
+    scores = _plain_scores(q, k, causal, scale, acc, mask)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf for a row with no key
     probs = torch.exp(scores - lse.masked_fill(lse == _NEG_INF, 0.0))
     out = (probs @ v.to(acc)).reshape(*q.shape[:3], v.shape[-1])
-    return out.to(q.dtype), lse.reshape(q.shape[:3]).float()
+    return out.to(acc if accumulate else q.dtype), lse.reshape(q.shape[:3])
 
 
-def _plain_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
-    acc = torch.promote_types(q.dtype, torch.float32)
+def _plain_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale, mask=None, accumulate=False):
+    acc = _acc(q.dtype)
     heads_kv = k.shape[1]
     lse = lse.to(acc)
-    probs = torch.exp(_plain_scores(q, k, causal, scale, acc) - _grouped(lse.masked_fill(lse == _NEG_INF, 0.0).unsqueeze(-1), heads_kv))
+    probs = torch.exp(_plain_scores(q, k, causal, scale, acc, mask) - _grouped(lse.masked_fill(lse == _NEG_INF, 0.0).unsqueeze(-1), heads_kv))
     grad_out = _grouped(grad_out.to(acc), heads_kv)
     delta = (grad_out * _grouped(out.to(acc), heads_kv)).sum(-1, keepdim=True)
     if grad_lse is not None:
@@ -78,7 +95,10 @@ def _plain_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
     grad_q = (grad_scores @ k.to(acc)) * scale
     grad_k = (grad_scores.transpose(-2, -1) @ _grouped(q.to(acc), heads_kv)) * scale
     grad_v = probs.transpose(-2, -1) @ grad_out
-    return grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+    grad_q = grad_q.reshape(q.shape)
+    if accumulate:
+        return grad_q, grad_k, grad_v
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
 # ---------------------------------------------------------------- the CUDA kernels
@@ -242,7 +262,7 @@ def _run(stage: str, kernel: str | None, q, k, v, causal, plain, fused_args):
 # ---------------------------------------------------------------- the public functions
 
 
-def _check(q, k, v, causal, scale, kernel) -> float:
+def _check(q, k, v, causal, scale, kernel, mask=None) -> float:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_type(tensor, torch.Tensor, name)
         check_arg(tensor.dim() == 4, name, "a 4-D tensor (B, H, S, D)", tensor)
@@ -255,6 +275,15 @@ def _check(q, k, v, causal, scale, kernel) -> float:
     )
     check_type(causal, bool, "causal")
     check_arg(kernel is None or kernel == "plain" or kernel in KERNELS, "kernel", f"None, 'plain' or one of {sorted(KERNELS)}", kernel)
+    if mask is not None:
+        check_type(mask, torch.Tensor, "mask")
+        check_arg(
+            mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[0] in (1, q.shape[0]) and mask.shape[2:] == (q.shape[2], k.shape[2]),
+            "mask",
+            f"a bool tensor (B or 1, 1, Sq, Skv) = (*, 1, {q.shape[2]}, {k.shape[2]})",
+            (mask.dtype, tuple(mask.shape)),
+        )
+        check_arg(kernel in (None, "plain"), "kernel", "None or 'plain' with a mask (no fused kernel takes one here)", kernel)
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
     check_type(scale, (int, float), "scale")
@@ -267,7 +296,15 @@ def _first_row(seq_q: int, seq_kv: int, causal: bool) -> int:
 
 
 def forward_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None = None, kernel: str | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    kernel: str | None = None,
+    mask: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of one block and its log-sum-exp, with no autograd.
 
@@ -276,10 +313,14 @@ def forward_with_lse(
         causal: bottom-right aligned, query ``i`` sees key ``j`` iff ``j <= i + Skv - Sq``.
         scale: multiplies ``q k^T``; default ``1/sqrt(D)``.
         kernel: force ``"plain"`` or a name in ``KERNELS`` (tests, benchmarks); default: the fastest that fits.
+        mask: bool ``(B or 1, 1, Sq, Skv)``, True = attend, on top of ``causal``; runs the plain path.
+        accumulate: return ``out`` in float32 (float64 for float64) where the path computes it so
+            (the plain path); the CUDA kernels still return q's dtype.
 
     Returns:
-        ``out (B, Hq, Sq, Dv)`` in q's dtype and ``lse (B, Hq, Sq)`` float32 (natural log of the sum of
-        ``exp(scores * scale)``); a row with no key gets zeros and ``-inf``.
+        ``out (B, Hq, Sq, Dv)`` in q's dtype (see ``accumulate``) and ``lse (B, Hq, Sq)`` in float32,
+        float64 for float64 inputs (natural log of the sum of ``exp(scores * scale)``); a row with no
+        key gets zeros and ``-inf``.
 
     Example::
 
@@ -287,21 +328,25 @@ def forward_with_lse(
         out_2, lse_2 = forward_with_lse(q, k0, v0, causal=False)    # an earlier block
         out, lse = merge_partials(out_1, lse_1, out_2, lse_2)
     """
-    scale = _check(q, k, v, causal, scale, kernel)
+    scale = _check(q, k, v, causal, scale, kernel, mask)
     seq_q, seq_kv = q.shape[2], k.shape[2]
+    nonempty = min(q.numel(), k.numel(), v.numel()) > 0
+    if mask is not None and nonempty:
+        return _plain_forward(q, k, v, causal, scale, mask, accumulate)
     first = _first_row(seq_q, seq_kv, causal)
-    if first == 0 and min(q.numel(), k.numel(), v.numel()) > 0:
-        return _forward(q, k, v, causal, scale, kernel)
-    out = q.new_zeros(*q.shape[:3], v.shape[-1])
-    lse = torch.full(q.shape[:3], _NEG_INF, device=q.device)
-    if min(q.numel(), k.numel(), v.numel()) > 0 and first < seq_q:
-        out[:, :, first:], lse[:, :, first:] = _forward(q[:, :, first:], k, v, causal, scale, kernel)
+    if first == 0 and nonempty:
+        return _forward(q, k, v, causal, scale, kernel, accumulate)
+    out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=_acc(q.dtype) if accumulate else q.dtype)
+    lse = torch.full(q.shape[:3], _NEG_INF, device=q.device, dtype=_acc(q.dtype))
+    if nonempty and first < seq_q:
+        out[:, :, first:], lse[:, :, first:] = _forward(q[:, :, first:], k, v, causal, scale, kernel, accumulate)
     return out, lse
 
 
-def _forward(q, k, v, causal, scale, kernel):
-    out, lse = _run("forward", kernel, q, k, v, causal, lambda: _plain_forward(q, k, v, causal, scale), (q, k, v, causal, scale))
-    return out, lse.float()
+def _forward(q, k, v, causal, scale, kernel, accumulate):
+    plain = lambda: _plain_forward(q, k, v, causal, scale, accumulate=accumulate)  # noqa: E731
+    out, lse = _run("forward", kernel, q, k, v, causal, plain, (q, k, v, causal, scale))
+    return out, lse.to(_acc(q.dtype))
 
 
 def backward_from_lse(
@@ -316,6 +361,8 @@ def backward_from_lse(
     scale: float | None = None,
     grad_lse: torch.Tensor | None = None,
     kernel: str | None = None,
+    mask: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's ``(dq, dk, dv)`` given the rows' final ``out`` and ``lse``, with no autograd.
 
@@ -326,9 +373,13 @@ def backward_from_lse(
             for the CUDA kernels, which compute ``D = rowsum(grad_out * out)`` themselves).
         lse: ``(B, Hq, Sq)``, the rows' final log-sum-exp over every key block; ``-inf`` = empty row.
         grad_lse: ``(B, Hq, Sq)`` gradient of ``lse`` when the caller used it (``d lse / d scores = P``).
+        mask: the block's bool mask as passed to :func:`forward_with_lse`.
+        accumulate: return the gradients in float32 (float64 for float64) where the path computes
+            them so (the plain path), for a caller that sums blocks; the CUDA kernels return q's
+            dtype (one bf16 rounding per block remains there).
 
     Returns:
-        ``(dq, dk, dv)`` in q's, k's and v's dtypes. Summed over the key blocks of a row (dq) and
+        ``(dq, dk, dv)`` in q's, k's and v's dtypes (see ``accumulate``). Summed over the key blocks of a row (dq) and
         over the query blocks of a key block (dk, dv), they are the gradients of the whole attention.
 
     Example::
@@ -337,25 +388,28 @@ def backward_from_lse(
         dq0, dk0, dv0 = backward_from_lse(grad_out, q, k0, v0, out, lse, causal=False)
         dq = dq0 + dq1
     """
-    scale = _check(q, k, v, causal, scale, kernel)
+    scale = _check(q, k, v, causal, scale, kernel, mask)
     seq_q, seq_kv = q.shape[2], k.shape[2]
-    first = _first_row(seq_q, seq_kv, causal)
+    first = 0 if mask is not None else _first_row(seq_q, seq_kv, causal)
+    grad_dtype = _acc(q.dtype) if accumulate else None
     if min(q.numel(), k.numel(), v.numel()) == 0 or first >= seq_q:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    grad_q = torch.zeros_like(q) if first else None
+        return tuple(torch.zeros_like(x, dtype=grad_dtype) for x in (q, k, v))
+    if mask is not None:
+        return _plain_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale, mask, accumulate)
+    grad_q = torch.zeros_like(q, dtype=grad_dtype) if first else None
     rows = slice(first, None)
     grad_out, q_rows, out, lse = grad_out[:, :, rows], q[:, :, rows], out[:, :, rows], lse[:, :, rows]
     grad_lse = None if grad_lse is None else grad_lse[:, :, rows]
-    dq, dk, dv = _backward(grad_out, q_rows, k, v, out, lse, grad_lse, causal, scale, kernel)
+    dq, dk, dv = _backward(grad_out, q_rows, k, v, out, lse, grad_lse, causal, scale, kernel, accumulate)
     if grad_q is None:
         return dq, dk, dv
     grad_q[:, :, rows] = dq
     return grad_q, dk, dv
 
 
-def _backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale, kernel):
+def _backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale, kernel, accumulate):
     def plain():
-        return _plain_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale)
+        return _plain_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale, accumulate=accumulate)
 
     if grad_lse is None:
         args = (grad_out.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse, causal, scale)

@@ -7,7 +7,7 @@ attention over each: with ``lse`` the natural-log log-sum-exp of a row's scaled,
 
 Ring attention (one key block per hop), the chunked backend (one block per step) and sparse
 attention (one partial per selected block set) all combine partials with :func:`merge_partials`.
-The merge runs in float32 (float64 for float64 partials), so a long chain of merges never rounds
+The merge runs in float32 (float64 when any input is float64), so a long chain of merges never rounds
 to bf16 between steps; cast once at the end.
 """
 
@@ -29,7 +29,7 @@ def merge_partials(
         lse_a, lse_b: their log-sum-exps ``(..., S)``; ``-inf`` for a row with no allowed key.
 
     Returns:
-        ``(out (..., S, Dv), lse (..., S))`` in float32 (float64 if either partial output is float64). A row empty in both stays zeros with
+        ``(out (..., S, Dv), lse (..., S))`` in ``promote_types(dtype, float32)`` over the four inputs (float64 if any is float64). A row empty in both stays zeros with
         ``lse = -inf``; gradients through the merge are finite there (zero).
 
     Example::
@@ -38,7 +38,9 @@ def merge_partials(
         out_2, lse_2 = attention(q, k[..., n:, :], v[..., n:, :], return_lse=True)
         out, lse = merge_partials(out_1, lse_1, out_2, lse_2)   # == attention(q, k, v)
     """
-    acc = torch.promote_types(torch.promote_types(out_a.dtype, out_b.dtype), torch.float32)
+    acc = torch.float32
+    for x in (out_a, lse_a, out_b, lse_b):  # float64 anywhere -> float64: exact chains stay exact
+        acc = torch.promote_types(acc, x.dtype)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     peak = torch.maximum(lse_a, lse_b)
     # Subtract the larger lse so both weights are <= 1 (no overflow); a row empty in both halves

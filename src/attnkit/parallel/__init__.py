@@ -8,6 +8,11 @@ shard of the exact attention output, with forward and backward:
 * ``allgather_attention``: one all-gather of K/V (short sequences, GQA).
 * ``ulysses_attention``: all-to-all from sequence shards to head shards and back.
 * ``hybrid_attention``: Ulysses along one dimension of a 2-D mesh, ring along the other.
+
+The ring also takes a causal sliding ``window`` and packed-document ``document_ids`` (masks on
+global positions; blocks they empty are skipped, see ``ring_schedule``). ``context_parallel(model)``
+runs a transformers model's or attnkit ``MultiHeadAttention``'s attention this way on shards from
+``shard_lm_batch``.
 """
 
 from attnkit.parallel.allgather import allgather_attention
@@ -23,7 +28,9 @@ from attnkit.parallel.layout import (
     unshard_hybrid,
     unshard_sequence,
 )
+from attnkit.parallel.model import CONTEXT_PARALLEL, ContextParallelConfig, context_parallel, shard_lm_batch
 from attnkit.parallel.ring import ring_attention
+from attnkit.parallel.schedule import Piece, ring_schedule
 from attnkit.parallel.ulysses import hybrid_attention, ulysses_attention
 
 __all__ = [
@@ -32,6 +39,14 @@ __all__ = [
     "allgather_attention",
     "ulysses_attention",
     "hybrid_attention",
+    # models
+    "context_parallel",
+    "ContextParallelConfig",
+    "CONTEXT_PARALLEL",
+    "shard_lm_batch",
+    # masks on global positions
+    "ring_schedule",
+    "Piece",
     # layouts
     "LAYOUTS",
     "shard",

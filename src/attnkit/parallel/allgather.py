@@ -69,7 +69,7 @@ class _AllGatherAttention(torch.autograd.Function):
         for rows, keys in pieces:
             dq, dk, dv = backward_from_lse(
                 grad_out[:, :, rows], q[:, :, rows], k_all[:, :, keys], v_all[:, :, keys], out[:, :, rows], lse[:, :, rows],
-                causal=causal, scale=scale, grad_lse=None if grad_lse is None else grad_lse[:, :, rows],
+                causal=causal, scale=scale, grad_lse=None if grad_lse is None else grad_lse[:, :, rows], accumulate=True,
             )  # fmt: skip
             grad_q[:, :, rows] = dq
             grad_k_all[:, :, keys] += dk

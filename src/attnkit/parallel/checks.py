@@ -24,11 +24,12 @@ def check_shards(
     scale: float | None,
     layout: str,
     verify: bool,
+    extra: dict[str, int] | None = None,
 ) -> tuple[int, int, float]:
     """Check local shards ``q (B, Hq, S/W, D)``, ``k (B, Hkv, S/W, D)``, ``v (B, Hkv, S/W, Dv)``.
 
     With ``verify``, one small all-gather also checks that every rank passed the same shapes and
-    options, so a mismatch raises the same error on every rank instead of hanging a later transfer.
+    options (and ``extra``, named integers of the caller), so a mismatch raises the same error on every rank instead of hanging a later transfer.
 
     Returns:
         ``(rank, world_size, scale)`` with the default scale ``1/sqrt(D)`` filled in.
@@ -72,5 +73,6 @@ def check_shards(
             "causal": int(causal),
             "layout (index in LAYOUTS)": LAYOUTS.index(layout),
         }
+        values.update(extra or {})
         check_same_across_ranks(values, group, q.device, "Every rank must pass shards of one sequence with the same options.")
     return rank, world_size, float(scale)

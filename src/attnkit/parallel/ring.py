@@ -14,46 +14,31 @@ Which part of a block a step computes (rank ``r`` holding the K/V of rank ``j``)
                          j < r: all queries x first half of the keys (chunk j, before both query chunks)
                          j > r: second half of the queries (chunk 2W-1-r, after both key chunks) x all keys
 
-so with zigzag every rank computes the same amount at every step after the first.
+so with zigzag every rank computes the same amount at every step after the first. A sliding
+window or packed documents split each step into chunk pairs masked on global positions, and pairs
+the mask empties are skipped (``parallel.schedule``).
+
+Precision: partial outputs, dq and the travelling dK/dV accumulators are float32 (float64 for
+float64 inputs) and each block's share comes back from the plain (CPU) path in that dtype
+(``accumulate=True``), so nothing is rounded to bf16 before the final cast. The CUDA kernels write
+each block's out/dq/dk/dv in the input dtype, so on GPU every block's share carries one bf16
+rounding before the float32 sum (the one-GPU kernel has the same single rounding per output).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
 
+from attnkit.errors import UnsupportedError, check_arg, check_type
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
 from attnkit.ops.lse import merge_partials
 from attnkit.parallel.checks import check_shards
-from attnkit.parallel.comm import RingComm
+from attnkit.parallel.comm import RingComm, all_gather_stacked
+from attnkit.parallel.layout import unshard
+from attnkit.parallel.schedule import Piece, ring_schedule
 
 __all__ = ["ring_attention"]
-
-_ALL = slice(None)
-
-
-class _Block(NamedTuple):
-    """The rows of the local queries and of the held K/V block one ring step computes."""
-
-    rows: slice
-    keys: slice
-    causal: bool
-
-
-def _block(layout: str, causal: bool, rank: int, source: int, seq_local: int) -> _Block | None:
-    """What rank ``rank`` computes with the K/V block of rank ``source``; None when nothing is visible."""
-    if not causal:
-        return _Block(_ALL, _ALL, False)
-    if source == rank:
-        return _Block(_ALL, _ALL, True)
-    if layout == "contiguous":
-        return _Block(_ALL, _ALL, False) if source < rank else None
-    half = seq_local // 2
-    if source < rank:
-        return _Block(_ALL, slice(None, half), False)
-    return _Block(slice(half, None), _ALL, False)
 
 
 def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -62,56 +47,54 @@ def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
     return x[:, :, rows].contiguous()
 
 
-def _ring_forward(q, k, v, comm: RingComm, rank: int, causal: bool, scale: float, layout: str):
-    """Returns ``out (B, Hq, S_local, Dv)`` float32 (float64 for float64 inputs) and ``lse (B, Hq, S_local)``."""
-    world_size, seq_local = comm.world_size, q.shape[2]
-    out = lse = None
+def _ring_forward(q, k, v, comm: RingComm, schedule: list[list[Piece]], scale: float):
+    """Returns ``out (B, Hq, S_local, Dv)`` and ``lse (B, Hq, S_local)``, float32 (float64 for float64 inputs)."""
+    world_size = comm.world_size
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     for step in range(world_size):
         if step + 1 < world_size:
             next_k, next_v = comm.send_recv(k), comm.send_recv(v)
             comm.commit()
-        block = _block(layout, causal, rank, (rank - step) % world_size, seq_local)
-        if block is not None:
-            part, part_lse = forward_with_lse(_rows(q, block.rows), _rows(k, block.keys), _rows(v, block.keys), causal=block.causal, scale=scale)
-            if out is None:  # step 0: the diagonal block covers every row; lse keeps the kernel's dtype
-                out, lse = part.to(torch.promote_types(q.dtype, torch.float32)), part_lse
-            else:
-                merged, merged_lse = merge_partials(out[:, :, block.rows], lse[:, :, block.rows], part, part_lse)
-                out[:, :, block.rows], lse[:, :, block.rows] = merged, merged_lse
+        for piece in schedule[step]:
+            part, part_lse = forward_with_lse(
+                _rows(q, piece.rows), _rows(k, piece.keys), _rows(v, piece.keys), causal=piece.causal, scale=scale, mask=piece.mask, accumulate=True
+            )
+            merged, merged_lse = merge_partials(out[:, :, piece.rows], lse[:, :, piece.rows], part, part_lse)
+            out[:, :, piece.rows], lse[:, :, piece.rows] = merged, merged_lse
         if step + 1 < world_size:
             comm.wait()
             k, v = next_k, next_v
     return out, lse
 
 
-def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, rank: int, causal: bool, scale: float, layout: str):
+def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, schedule: list[list[Piece]], scale: float):
     """Returns ``(dq, dk, dv)`` of the local shards in float32 (float64 for float64 inputs)."""
     kv_comm, grad_comm = RingComm(group), RingComm(group)
-    world_size, seq_local = kv_comm.world_size, q.shape[2]
+    world_size = kv_comm.world_size
     acc = torch.promote_types(q.dtype, torch.float32)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
-    grad_k = grad_v = None
+    grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+    grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
     for step in range(world_size):
         if step + 1 < world_size:
             next_k, next_v = kv_comm.send_recv(k), kv_comm.send_recv(v)
             kv_comm.commit()
-        block = _block(layout, causal, rank, (rank - step) % world_size, seq_local)
-        if block is not None:
-            rows = block.rows
-            parts = backward_from_lse(
-                _rows(grad_out, rows), _rows(q, rows), _rows(k, block.keys), _rows(v, block.keys), _rows(out, rows), _rows(lse, rows),
-                causal=block.causal, scale=scale, grad_lse=None if grad_lse is None else _rows(grad_lse, rows),
-            )  # fmt: skip
-        if step == 0:
-            grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
-            grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-        else:  # the accumulators of the K/V block now held, from the previous rank
+        parts = [
+            backward_from_lse(
+                _rows(grad_out, p.rows), _rows(q, p.rows), _rows(k, p.keys), _rows(v, p.keys), _rows(out, p.rows), _rows(lse, p.rows),
+                causal=p.causal, scale=scale, grad_lse=None if grad_lse is None else _rows(grad_lse, p.rows), mask=p.mask, accumulate=True,
+            )
+            for p in schedule[step]
+        ]  # fmt: skip
+        if step > 0:  # the accumulators of the K/V block now held, from the previous rank
             grad_comm.wait()
             grad_k, grad_v = next_grad_k, next_grad_v
-        if block is not None:
-            grad_q[:, :, block.rows] += parts[0]
-            grad_k[:, :, block.keys] += parts[1]
-            grad_v[:, :, block.keys] += parts[2]
+        for piece, (dq, dk, dv) in zip(schedule[step], parts):
+            grad_q[:, :, piece.rows] += dq
+            grad_k[:, :, piece.keys] += dk
+            grad_v[:, :, piece.keys] += dv
         if world_size > 1:  # pass them on with the block; after the last step they are home
             next_grad_k, next_grad_v = grad_comm.send_recv(grad_k), grad_comm.send_recv(grad_v)
             grad_comm.commit()
@@ -126,22 +109,22 @@ def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, rank: int, caus
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, rank):
-        out, lse = _ring_forward(q, k, v, RingComm(group), rank, causal, scale, layout)
+    def forward(ctx, q, k, v, group, schedule, scale):
+        out, lse = _ring_forward(q, k, v, RingComm(group), schedule, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (group, rank, causal, scale, layout)
+        ctx.options = (group, schedule, scale)
         ctx.set_materialize_grads(False)  # an unused lse costs no backward work
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, rank, causal, scale, layout = ctx.options
+        group, schedule, scale = ctx.options
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        grad_q, grad_k, grad_v = _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, rank, causal, scale, layout)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
+        grad_q, grad_k, grad_v = _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, schedule, scale)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
 def ring_attention(
@@ -154,6 +137,8 @@ def ring_attention(
     scale: float | None = None,
     layout: str = "zigzag",
     return_lse: bool = False,
+    window: int | None = None,
+    document_ids: torch.Tensor | None = None,
     verify: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group``, forward and backward.
@@ -171,12 +156,18 @@ def ring_attention(
         layout: how the sequence is sharded, ``"zigzag"`` (load-balanced causal; ``S % (2W) == 0``)
             or ``"contiguous"`` (``S % W == 0``).
         return_lse: also return the log-sum-exp of each query's scaled scores (differentiable).
+        window: with ``causal``, a sliding window: the query at global position ``i`` sees keys
+            ``i - window < j <= i``. Blocks outside every window are skipped.
+        document_ids: ``(B or 1, S_local)`` int, this rank's shard (same layout, ``dim=1``) of the
+            document id of every token (packed sequences, any document lengths): tokens attend
+            only within their document. Gathered once (``S`` ints); blocks with no shared document
+            are skipped.
         verify: check with one small all-gather that every rank passed the same shapes and options
             (a mismatch otherwise corrupts or hangs the ring); turn off once a loop's shapes are known.
 
     Returns:
         ``out (B, Hq, S_local, Dv)`` in q's dtype, and with ``return_lse`` also
-        ``lse (B, Hq, S_local)`` float32.
+        ``lse (B, Hq, S_local)`` float32 (float64 for float64 inputs).
 
     Example::
 
@@ -185,6 +176,26 @@ def ring_attention(
         out = ring_attention(q, k, v, causal=True)            # == shard_sequence(attention(q_full, ...))
         out.sum().backward()                                  # dq, dk, dv of this rank's shards
     """
-    rank, _, scale = check_shards(q, k, v, group=group, causal=causal, scale=scale, layout=layout, verify=verify)
-    out, lse = _RingAttention.apply(q, k, v, group, causal, scale, layout, rank)
+    if window is not None:
+        check_arg(isinstance(window, int) and not isinstance(window, bool) and window >= 1, "window", "an int >= 1 (tokens)", window)
+        if not causal:
+            raise UnsupportedError("window: a sliding window needs causal=True (query i sees keys i - window < j <= i)")
+    if document_ids is not None:
+        check_type(document_ids, torch.Tensor, "document_ids")
+        if document_ids.dim() == 1:
+            document_ids = document_ids.unsqueeze(0)
+        check_arg(
+            document_ids.dim() == 2 and document_ids.shape[0] in (1, q.shape[0]) and document_ids.shape[1] == q.shape[2] and not document_ids.is_floating_point(),
+            "document_ids",
+            f"an int tensor (B or 1, S_local) = ({q.shape[0]} or 1, {q.shape[2]})",
+            (document_ids.dtype, tuple(document_ids.shape)),
+        )
+    extra = {"window": -1 if window is None else window, "document_ids (rows, or -1)": -1 if document_ids is None else document_ids.shape[0]}
+    rank, world_size, scale = check_shards(q, k, v, group=group, causal=causal, scale=scale, layout=layout, verify=verify, extra=extra)
+    documents = None
+    if document_ids is not None:
+        gathered = all_gather_stacked(document_ids.to(device=q.device, dtype=torch.int64), group)
+        documents = unshard(list(gathered.unbind(0)), layout=layout, dim=1)  # (B or 1, S), global order
+    schedule = ring_schedule(q.shape[2] * world_size, world_size, rank, layout=layout, causal=causal, window=window, documents=documents, device=q.device)
+    out, lse = _RingAttention.apply(q, k, v, group, schedule, scale)
     return (out, lse) if return_lse else out
