@@ -62,7 +62,7 @@ def _options(
 
 
 # Order is the order in `attnkit --help`.
-_COMMAND_MODULES = ("analyze", "profile", "calibrate", "optimize", "validate", "bench", "doctor")
+_COMMAND_MODULES = ("analyze", "profile", "calibrate", "optimize", "validate", "bench", "fp8", "sparse", "doctor")
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"attnkit.cli.{_name}").register(app)
 

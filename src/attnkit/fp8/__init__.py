@@ -12,8 +12,10 @@ Usage (torchao's convention)::
 from attnkit.fp8.auto_filter import keep_reason, load_speedup_table, table_speedup
 from attnkit.fp8.config import Float8Format, Float8TrainingConfig, Recipe
 from attnkit.fp8.convert import conversion_plan, convert_from_float8_training, convert_to_float8_training
+from attnkit.fp8.fused import Float8FusedLinear
 from attnkit.fp8.gemm import native_blockwise_support, scaled_gemm
 from attnkit.fp8.linear import Float8Linear
+from attnkit.fp8.report import Float8LayerPlan, Float8Report, float8_report
 from attnkit.fp8.scaling import Granularity, Quantized, dequantize, quantize, sqnr
 from attnkit.fp8.train import Float8StepStats, Float8TrainStep
 
@@ -22,6 +24,9 @@ __all__ = [
     "Float8TrainingConfig", "Recipe", "Float8Format",
     # model conversion
     "convert_to_float8_training", "convert_from_float8_training", "conversion_plan", "Float8Linear",
+    "Float8FusedLinear",
+    # what conversion would do (attnkit fp8 MODEL)
+    "float8_report", "Float8Report", "Float8LayerPlan",
     # automatic layer filter
     "keep_reason", "table_speedup", "load_speedup_table",
     # training step

@@ -1,4 +1,5 @@
-"""Swap a model's ``nn.Linear`` layers for :class:`Float8Linear` and back (torchao's entry point)."""
+"""Swap a model's ``nn.Linear`` layers (and ``optimize``'s fused projection groups) for their FP8
+versions and back (torchao's entry point)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,27 @@ from torch import nn
 from attnkit.errors import check_type
 from attnkit.fp8.auto_filter import keep_reason
 from attnkit.fp8.config import Float8TrainingConfig
+from attnkit.fp8.fused import Float8FusedLinear, repoint_members
 from attnkit.fp8.linear import Float8Linear
+from attnkit.optimize.fuse import FusedLinear
 from attnkit.utils.swap import ModuleFilterFn, swap_modules
 
 __all__ = ["convert_to_float8_training", "convert_from_float8_training", "conversion_plan"]
 
 
+def _convertible(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` or a fused projection group (one GEMM of the concatenated weight)."""
+    return type(module) in (nn.Linear, FusedLinear)
+
+
 def conversion_plan(model: nn.Module, *, config: Float8TrainingConfig | None = None,
                     module_filter_fn: ModuleFilterFn | None = None) -> dict[str, str | None]:
-    """For every plain ``nn.Linear`` in ``model``: fqn -> None (converted) or why it stays high precision."""
+    """For every plain ``nn.Linear`` and fused projection group in ``model``: fqn -> None (converted) or why
+    it stays high precision."""
     config = config or Float8TrainingConfig()
     plan = {}
     for fqn, module in model.named_modules():
-        if type(module) is nn.Linear:
+        if _convertible(module):
             reason = keep_reason(module, config)
             if reason is None and module_filter_fn is not None and not module_filter_fn(module, fqn):
                 reason = "excluded by module_filter_fn"
@@ -30,6 +39,10 @@ def conversion_plan(model: nn.Module, *, config: Float8TrainingConfig | None = N
 def convert_to_float8_training(model: nn.Module, *, config: Float8TrainingConfig | None = None,
                                module_filter_fn: ModuleFilterFn | None = None) -> nn.Module:
     """Replace, in place, each ``nn.Linear`` of ``model`` that FP8 suits by a :class:`Float8Linear`.
+
+    A fused projection group from ``attnkit.optimize`` (``FusedLinear``, whose members read one GEMM
+    of the concatenated Q/K/V or gate/up weight) becomes one :class:`Float8FusedLinear`, judged at
+    the fused width.
 
     A layer is converted when its dims are aligned (16, or 128 for blockwise), the automatic filter
     (``config.auto_filter``) finds FP8 faster at its shape, and ``module_filter_fn(module, fqn)``
@@ -55,15 +68,30 @@ def convert_to_float8_training(model: nn.Module, *, config: Float8TrainingConfig
     check_type(config, Float8TrainingConfig, "config")
 
     def accept(module: nn.Module, fqn: str) -> bool:
-        if type(module) is not nn.Linear or keep_reason(module, config) is not None:
+        if not _convertible(module) or keep_reason(module, config) is not None:
             return False
         return module_filter_fn is None or bool(module_filter_fn(module, fqn))
 
-    return swap_modules(model, accept, lambda module, fqn: Float8Linear.from_float(module, config))
+    def build(module: nn.Module, fqn: str) -> nn.Module:
+        if isinstance(module, FusedLinear):
+            new = Float8FusedLinear.from_fused(module, config)
+            repoint_members(model, fqn, module, new)
+            return new
+        return Float8Linear.from_float(module, config)
+
+    return swap_modules(model, accept, build)
 
 
 def convert_from_float8_training(model: nn.Module) -> nn.Module:
-    """Turn every :class:`Float8Linear` back into ``nn.Linear`` with the same parameter tensors."""
+    """Turn every :class:`Float8Linear` back into ``nn.Linear`` (and :class:`Float8FusedLinear` into
+    ``FusedLinear``) with the same parameter tensors."""
     check_type(model, nn.Module, "model")
-    return swap_modules(model, lambda module, fqn: isinstance(module, Float8Linear),
-                        lambda module, fqn: module.to_linear())
+
+    def build(module: nn.Module, fqn: str) -> nn.Module:
+        if isinstance(module, Float8FusedLinear):
+            new = module.to_fused()
+            repoint_members(model, fqn, module, new)
+            return new
+        return module.to_linear()
+
+    return swap_modules(model, lambda module, fqn: isinstance(module, (Float8Linear, Float8FusedLinear)), build)

@@ -106,6 +106,42 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def _init_float8_state(module: nn.Module, config: Float8TrainingConfig, device: torch.device) -> None:
+    """Check ``module``'s ``in_features``/``out_features`` against ``config`` and register the FP8 buffers."""
+    check_type(config, Float8TrainingConfig, "config")
+    block = config.block_size
+    if module.in_features % block or module.out_features % block:
+        raise UnsupportedError(
+            f"{type(module).__name__}({module.in_features}, {module.out_features}): recipe {config.recipe.value!r} needs "
+            f"in_features and out_features divisible by {block}; keep this layer in high precision "
+            "(convert_to_float8_training's filter does so automatically).")
+    if config.recipe is Recipe.BLOCKWISE and not config.emulate and device.type != "meta":
+        reason = native_blockwise_support(device.type)
+        if reason is not None:
+            raise UnsupportedError(f"blockwise FP8 GEMMs do not run natively here ({reason}); "
+                                   "pass emulate=True in the config to emulate them (not fast).")
+    module.config = config
+    module.register_buffer("fp8_overflow_counts", torch.zeros(3, dtype=torch.int64, device=device), persistent=False)
+    history = None
+    if config.recipe is Recipe.DELAYED:
+        history = torch.zeros(3, config.amax_history_len, dtype=torch.float32, device=device)
+    module.register_buffer("fp8_amax_history", history)
+
+
+def _float8_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T + bias in FP8 under ``module``'s config and buffers, in x's dtype
+    (the autocast dtype under autocast); token counts not a multiple of the block size run ``F.linear``."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    x2d = x.reshape(-1, weight.shape[1])
+    if x2d.shape[0] % module.config.block_size:
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    with torch.autocast(device, enabled=False):  # the FP8 math picks its own dtypes
+        out = _Float8Matmul.apply(x2d, weight, bias, module.config, module.fp8_amax_history, module.fp8_overflow_counts)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Float8Linear(nn.Linear):
     """``nn.Linear`` training in FP8 (``torch._scaled_mm``) under a :class:`Float8TrainingConfig`.
 
@@ -127,28 +163,7 @@ class Float8Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  config: Float8TrainingConfig | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_fp8(config or Float8TrainingConfig(), self.weight.device)
-
-    def _init_fp8(self, config: Float8TrainingConfig, device: torch.device) -> None:
-        check_type(config, Float8TrainingConfig, "config")
-        block = config.block_size
-        if self.in_features % block or self.out_features % block:
-            raise UnsupportedError(
-                f"Float8Linear({self.in_features}, {self.out_features}): recipe {config.recipe.value!r} needs "
-                f"in_features and out_features divisible by {block}; keep this layer in high precision "
-                "(convert_to_float8_training's filter does so automatically).")
-        if config.recipe is Recipe.BLOCKWISE and not config.emulate and device.type != "meta":
-            reason = native_blockwise_support(device.type)
-            if reason is not None:
-                raise UnsupportedError(f"blockwise FP8 GEMMs do not run natively here ({reason}); "
-                                       "pass emulate=True in the config to emulate them (not fast).")
-        self.config = config
-        self.register_buffer("fp8_overflow_counts", torch.zeros(3, dtype=torch.int64, device=device),
-                             persistent=False)
-        history = None
-        if config.recipe is Recipe.DELAYED:
-            history = torch.zeros(3, config.amax_history_len, dtype=torch.float32, device=device)
-        self.register_buffer("fp8_amax_history", history)
+        _init_float8_state(self, config or Float8TrainingConfig(), self.weight.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Float8TrainingConfig | None = None) -> "Float8Linear":
@@ -158,7 +173,7 @@ class Float8Linear(nn.Linear):
             new = cls.__new__(cls)
             nn.Linear.__init__(new, linear.in_features, linear.out_features, bias=linear.bias is not None)
         new.weight, new.bias = linear.weight, linear.bias
-        new._init_fp8(config or Float8TrainingConfig(), linear.weight.device)
+        _init_float8_state(new, config or Float8TrainingConfig(), linear.weight.device)
         new.train(linear.training)
         return new
 
@@ -177,17 +192,7 @@ class Float8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype (the autocast dtype under autocast)."""
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            x = x.to(torch.get_autocast_dtype(device))
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.shape[0] % self.config.block_size:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.weight.to(x.dtype), bias)
-        with torch.autocast(device, enabled=False):  # the FP8 math picks its own dtypes
-            out = _Float8Matmul.apply(x2d, self.weight, self.bias, self.config, self.fp8_amax_history,
-                                      self.fp8_overflow_counts)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return _float8_forward(self, x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         emulated = ", emulate=True" if self.config.emulate else ""

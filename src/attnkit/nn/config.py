@@ -10,6 +10,7 @@ from dataclasses import KW_ONLY, dataclass
 
 from attnkit.errors import check_arg
 from attnkit.ops import BACKENDS
+from attnkit.sparse import ContentAware, Pattern
 
 __all__ = ["MultiHeadAttentionConfig"]
 
@@ -56,6 +57,9 @@ class MultiHeadAttentionConfig:
     """``attnkit.ops`` backend for the attention core (``"auto"`` picks per call)."""
     query_chunk_size: int | None = None
     """Process queries in chunks of this many rows to bound memory; exact (every chunk sees all its keys)."""
+    sparsity: Pattern | ContentAware | None = None
+    """Block-sparse attention through :func:`attnkit.sparse.sparse_attention`: a static pattern
+    (e.g. ``SlidingWindow(2048)``) or a :class:`~attnkit.sparse.ContentAware` selection. None: dense."""
 
     def __post_init__(self) -> None:
         # Fill defaults through object.__setattr__ because the dataclass is frozen.
@@ -100,6 +104,22 @@ class MultiHeadAttentionConfig:
             "None or an int >= 1",
             self.query_chunk_size,
         )
+        if self.sparsity is not None:
+            self._check_sparsity()
+
+    def _check_sparsity(self) -> None:
+        check_arg(isinstance(self.sparsity, (Pattern, ContentAware)), "sparsity",
+                  "None, a sparsity Pattern (e.g. SlidingWindow(256)) or a ContentAware config", self.sparsity)
+        conflicts = {
+            "add_bias_kv": (self.add_bias_kv, "its extra key has no position in the pattern"),
+            "add_zero_attn": (self.add_zero_attn, "its extra key has no position in the pattern"),
+            "dropout": (self.dropout > 0, "the sparse backend has no dropout"),
+            "backend": (self.backend not in ("auto", "sparse"), "sparsity runs on the 'sparse' backend"),
+            "query_chunk_size": (self.query_chunk_size is not None, "the sparse backend already bounds memory by blocks"),
+        }
+        for name, (conflict, why) in conflicts.items():
+            check_arg(not conflict, name, f"its default with sparsity ({why})", getattr(self, name),
+                      f"Drop {name}, or sparsity=None for dense attention.")
 
     @property
     def packed(self) -> bool:

@@ -15,7 +15,9 @@ from attnkit.nn.attend import attend
 from attnkit.nn.config import MultiHeadAttentionConfig
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.masks import CausalRule, append_allowed_keys, attn_mask_to_ops, causal_rule, combine_masks, key_padding_to_keep
+from attnkit.nn.sparse import sparse_attend
 from attnkit.ops import causal_mask
+from attnkit.sparse import ContentAware, Pattern
 
 __all__ = ["MultiHeadAttention"]
 
@@ -35,7 +37,9 @@ class MultiHeadAttention(nn.Module):
 
     Beyond torch: ``num_kv_heads`` (GQA; 1 = MQA), ``head_dim``/``v_head_dim`` (heads that do not
     tile ``embed_dim``, d_k != d_v), ``scale``, a :class:`KVCache`, exact ``query_chunk_size``
-    chunking, and ``backend`` (any ``attnkit.ops`` backend; ``"auto"`` picks per call).
+    chunking, ``backend`` (any ``attnkit.ops`` backend; ``"auto"`` picks per call), and ``sparsity``
+    (a pattern or content-aware selection run block-sparse; see :mod:`attnkit.nn.sparse` for the
+    masks it combines with).
 
     Parameters (names as in torch, so state dicts load both ways where shapes agree):
     ``in_proj_weight (Hq*D + Hkv*D + Hkv*Dv, E)`` when ``kdim == vdim == embed_dim`` (packed),
@@ -95,12 +99,13 @@ class MultiHeadAttention(nn.Module):
         scale: float | None = None,
         backend: str = "auto",
         query_chunk_size: int | None = None,
+        sparsity: Pattern | ContentAware | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg = MultiHeadAttentionConfig(
             embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
             num_kv_heads=num_kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, scale=scale, backend=backend,
-            query_chunk_size=query_chunk_size,
+            query_chunk_size=query_chunk_size, sparsity=sparsity,
         )  # fmt: skip
         factory = {"device": device, "dtype": dtype}
         size_q, size_k, size_v = cfg.proj_sizes
@@ -121,7 +126,9 @@ class MultiHeadAttention(nn.Module):
     @classmethod
     def from_config(cls, config: MultiHeadAttentionConfig, *, device=None, dtype=None) -> "MultiHeadAttention":
         """A freshly initialized layer for ``config``."""
-        return cls(**dataclasses.asdict(config), device=device, dtype=dtype)
+        # Not dataclasses.asdict: it would turn a sparsity pattern (a dataclass) into a dict.
+        fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+        return cls(**fields, device=device, dtype=dtype)
 
     def _reset_parameters(self) -> None:
         # The same initializers, in the same order, as nn.MultiheadAttention: one seed gives one model.
@@ -197,19 +204,23 @@ class MultiHeadAttention(nn.Module):
         q = q.view(batch, seq_q, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, Hq, Sq, D)
         k = k.view(batch, seq_kv, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, Skv, D)
         v = v.view(batch, seq_kv, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # (B, Hkv, Skv, Dv)
-        attn_mask, causal = causal_rule(
-            attn_mask, is_causal, key_padding_mask=key_padding_mask, need_weights=need_weights, cached=kv_cache is not None
-        )
-        k, v, mask, is_causal = self._all_keys_and_mask(k, v, seq_q, key_padding_mask, attn_mask, causal, kv_cache)
-
         dropout_p = cfg.dropout if self.training else 0.0
         if dropout_mask is not None and dropout_p == 0:
             fail("dropout_mask", f"None while dropout is inactive (training={self.training}, dropout={cfg.dropout})", dropout_mask)
-        out, weights = attend(
-            q, k, v, mask=mask, causal=is_causal, scale=cfg.softmax_scale, dropout_p=dropout_p,
-            dropout_mask=dropout_mask, backend=cfg.backend, need_weights=need_weights,
-            query_chunk_size=cfg.query_chunk_size,
-        )  # fmt: skip
+        if cfg.sparsity is not None:
+            out = sparse_attend(q, k, v, cfg, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                need_weights=need_weights, is_causal=is_causal, kv_cache=kv_cache)
+            weights = None
+        else:
+            attn_mask, causal = causal_rule(
+                attn_mask, is_causal, key_padding_mask=key_padding_mask, need_weights=need_weights, cached=kv_cache is not None
+            )
+            k, v, mask, is_causal = self._all_keys_and_mask(k, v, seq_q, key_padding_mask, attn_mask, causal, kv_cache)
+            out, weights = attend(
+                q, k, v, mask=mask, causal=is_causal, scale=cfg.softmax_scale, dropout_p=dropout_p,
+                dropout_mask=dropout_mask, backend=cfg.backend, need_weights=need_weights,
+                query_chunk_size=cfg.query_chunk_size,
+            )  # fmt: skip
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Sq, E)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (B, Sq, Skv)
@@ -328,4 +339,6 @@ class MultiHeadAttention(nn.Module):
             text += f", v_head_dim={cfg.v_head_dim}"
         if not cfg.packed:
             text += f", kdim={cfg.kdim}, vdim={cfg.vdim}"
+        if cfg.sparsity is not None:
+            text += f", sparsity={cfg.sparsity!r}"
         return text + f", packed={cfg.packed}, batch_first={cfg.batch_first}, backend={cfg.backend!r}"

@@ -17,7 +17,9 @@ from attnkit.sparse.bigbird import BigBird, RandomBlocks
 from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL
 from attnkit.sparse.documents import Documents
 from attnkit.sparse.gathered import gathered_attention
+from attnkit.sparse.needle import NeedleResult, NeedleTask, needle_retrieval, needle_task
 from attnkit.sparse.patterns import Causal, Dilated, GlobalTokens, Intersection, Pattern, PrefixLM, SlidingWindow, Union
+from attnkit.sparse.report import SiteSparsity, site_sparsity
 from attnkit.sparse.topk import ContentAware, Selection, estimated_cost, select_blocks
 
 __all__ = [
@@ -47,4 +49,11 @@ __all__ = [
     "Selection",
     "select_blocks",
     "estimated_cost",
+    # what a pattern saves, and whether it keeps what matters
+    "site_sparsity",
+    "SiteSparsity",
+    "needle_retrieval",
+    "needle_task",
+    "NeedleTask",
+    "NeedleResult",
 ]

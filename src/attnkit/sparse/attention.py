@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.errors import InvalidTypeError
+from attnkit.errors import InvalidTypeError, UnsupportedError, check_arg
 from attnkit.ops import attention
 from attnkit.ops.flex import flex_attention, flex_support
 from attnkit.ops.options import AttentionOptions, _BlockMask
 from attnkit.ops.registry import BACKENDS, register_backend
 from attnkit.ops.spec import AttentionSpec
+from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL, Grid, block_mask_from_states
 from attnkit.sparse.gathered import gathered_attention
 from attnkit.sparse.patterns import Pattern
 from attnkit.sparse.topk import ContentAware, select_blocks
@@ -48,8 +49,48 @@ def sparse_run(q, k, v, options: AttentionOptions):
     return gathered_attention(q, k, v, options.mask, scale=options.scale, return_lse=options.return_lse)
 
 
+def _with_key_mask(states: torch.Tensor, grid: Grid, mask_mod, key_mask: torch.Tensor):
+    """The BlockMask of ``states (B|1, H|1, nQ, nKV)`` restricted to the keys ``key_mask (B, Skv)`` keeps.
+
+    Block level: a key block with no kept key becomes EMPTY, a FULL one with a dropped key PARTIAL;
+    element level: the mask_mod also reads ``key_mask[b, kv_idx]``.
+    """
+    pad = grid.shape[1] * grid.block_kv - grid.kv_len
+    per_block = torch.nn.functional.pad(key_mask, (0, pad)).view(key_mask.shape[0], 1, 1, grid.shape[1], grid.block_kv)
+    any_kept, all_kept = per_block.any(-1), per_block.all(-1)  # (B, 1, 1, nKV)
+    states = torch.where(~any_kept, EMPTY, torch.where((states == FULL) & ~all_kept, PARTIAL, states)).to(torch.int8)
+
+    def masked(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & key_mask[b, kv_idx]
+
+    return block_mask_from_states(states, grid, masked)
+
+
+def _block_mask(q: torch.Tensor, k: torch.Tensor, pattern, scale, block_size: int, key_mask: torch.Tensor | None):
+    if isinstance(pattern, ContentAware):
+        selection = select_blocks(q, k, pattern, scale=scale)
+        if key_mask is None:
+            return selection.block_mask()
+        grid = selection.grid
+        states = torch.where(selection.blocks, selection.base_states, EMPTY)
+        return _with_key_mask(states, grid, pattern.base.mask_mod(grid.q_len, grid.kv_len, grid.device), key_mask)
+    if isinstance(pattern, Pattern):
+        seq_q, seq_kv = q.shape[2], k.shape[2]
+        if key_mask is None:
+            return pattern.block_mask(seq_q, seq_kv, block_size=block_size, device=q.device)
+        grid = Grid(seq_q, seq_kv, block_size, block_size, q.device)
+        states = pattern.block_states(seq_q, seq_kv, block_size=block_size, device=q.device)[None, None]
+        return _with_key_mask(states, grid, pattern.mask_mod(seq_q, seq_kv, q.device), key_mask)
+    if _BlockMask is not None and isinstance(pattern, _BlockMask):
+        if key_mask is not None:
+            raise UnsupportedError("sparse_attention: key_mask with a ready-made BlockMask; pass the Pattern instead, "
+                                   "or build the padding into the BlockMask's mask_mod.")
+        return pattern
+    raise InvalidTypeError("pattern", "a sparsity Pattern, a ContentAware config or a FlexAttention BlockMask", pattern)
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, scale: float | None = None,
-                     return_lse: bool = False, block_size: int = 128):  # fmt: skip
+                     return_lse: bool = False, block_size: int = 128, key_mask: torch.Tensor | None = None):  # fmt: skip
     """Attention that computes only the blocks a sparsity pattern allows (forward and backward).
 
     Args:
@@ -60,6 +101,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
         scale: multiplies ``q k^T``; default ``1/sqrt(D)``.
         return_lse: also return the log-sum-exp ``(B, Hq, Sq)`` float32.
         block_size: tokens per block for a static pattern's BlockMask (FlexAttention's default 128).
+        key_mask: ``(B, Skv)`` bool, True = the key may be attended (padding: False), ANDed with the
+            pattern; key blocks with no kept key are skipped.
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` (and ``lse``); a query with no allowed key gets zeros and ``lse = -inf``.
@@ -67,16 +110,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
     Example::
 
         out = sparse_attention(q, k, v, SlidingWindow(2048) | GlobalTokens(4))
-        out = sparse_attention(q, k, v, ContentAware(block_size=128, density=0.2))
+        out = sparse_attention(q, k, v, ContentAware(block_size=128, density=0.2), key_mask=~padding)
     """
-    if isinstance(pattern, ContentAware):
-        mask = select_blocks(q, k, pattern, scale=scale).block_mask()
-    elif isinstance(pattern, Pattern):
-        mask = pattern.block_mask(q.shape[2], k.shape[2], block_size=block_size, device=q.device)
-    elif _BlockMask is not None and isinstance(pattern, _BlockMask):
-        mask = pattern
-    else:
-        raise InvalidTypeError("pattern", "a sparsity Pattern, a ContentAware config or a FlexAttention BlockMask", pattern)
+    if key_mask is not None:
+        ok = isinstance(key_mask, torch.Tensor) and key_mask.dtype == torch.bool and tuple(key_mask.shape) == (k.shape[0], k.shape[2])
+        check_arg(ok, "key_mask", f"a bool tensor (B, Skv)={(k.shape[0], k.shape[2])}, True = attend", key_mask)
+    mask = _block_mask(q, k, pattern, scale, block_size, key_mask)
     return attention(q, k, v, mask=mask, scale=scale, return_lse=return_lse, backend="sparse")
 
 

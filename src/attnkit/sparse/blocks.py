@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "UNKNOWN", "MaskFn", "Grid", "classify", "either", "both", "refine", "block_mask_from_states"]
+__all__ = ["EMPTY", "PARTIAL", "FULL", "UNKNOWN", "MaskFn", "Grid", "classify", "either", "both", "refine", "block_mask_from_states", "computed_elements"]
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 """Block states (int8): nothing allowed, some allowed, all allowed, not known yet (see :func:`refine`)."""
@@ -123,6 +123,13 @@ def refine(states: torch.Tensor, grid: Grid, allowed: MaskFn) -> torch.Tensor:
         any_hit, all_hit = hit.flatten(1).any(1), hit.flatten(1).all(1)  # all_hit is False for cut blocks
         states[r, c] = torch.where(all_hit, FULL, torch.where(any_hit, PARTIAL, EMPTY)).to(torch.int8)
     return states
+
+
+def computed_elements(computed: torch.Tensor, grid: Grid) -> int:
+    """Score elements a block-sparse kernel computes for ``computed (nQ, nKV)`` bool: each computed block's part inside the sequences."""
+    rows = torch.clamp(grid.q_len - torch.arange(computed.shape[0]) * grid.block_q, max=grid.block_q)
+    cols = torch.clamp(grid.kv_len - torch.arange(computed.shape[1]) * grid.block_kv, max=grid.block_kv)
+    return int((rows[:, None] * cols[None, :] * computed.cpu().to(torch.int64)).sum())
 
 
 def _ordered(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

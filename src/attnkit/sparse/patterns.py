@@ -27,7 +27,7 @@ import torch
 
 from attnkit.errors import InvalidTypeError, check_arg, fail
 from attnkit.ops.cache import on_clear
-from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL, Grid, MaskFn, block_mask_from_states, both, classify, either, refine
+from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL, Grid, MaskFn, block_mask_from_states, both, classify, computed_elements, either, refine
 
 __all__ = ["Pattern", "Union", "Intersection", "Causal", "SlidingWindow", "Dilated", "GlobalTokens", "PrefixLM", "check_count"]
 
@@ -110,11 +110,8 @@ class Pattern:
         (the block's part inside the sequences); ``backward=True`` gives forward + backward (3.5x)."""
         check_count(head_dim, "head_dim")
         q_len, kv_len = _lengths(q_len, kv_len)
-        block_q, block_kv = _block_sizes(block_size)
-        computed = (self.block_states(q_len, kv_len, block_size=block_size) != EMPTY).to(torch.int64)
-        rows = torch.clamp(q_len - torch.arange(computed.shape[0]) * block_q, max=block_q)
-        cols = torch.clamp(kv_len - torch.arange(computed.shape[1]) * block_kv, max=block_kv)
-        elements = int((rows[:, None] * cols[None, :] * computed).sum())
+        grid = Grid(q_len, kv_len, *_block_sizes(block_size), torch.device("cpu"))
+        elements = computed_elements(self.block_states(q_len, kv_len, block_size=block_size) != EMPTY, grid)
         return int(elements * 4 * batch * heads * head_dim * (3.5 if backward else 1.0))
 
     def block_mask(self, *shape: int, block_size: int | tuple[int, int] = 128, device=None):
