@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from attnkit.graph import calibrate, load_hardware, profile_models
+from attnkit.measure import calibrate, load_hardware, profile_models
 from attnkit.utils import parse_dtype
 
 

@@ -21,7 +21,7 @@ def kernel_stats(fn: Callable[[], object], iters: int = 3, group: Callable[[str]
     Args:
         fn: a zero-argument callable launching CUDA work.
         iters: profiled calls; the results are per call.
-        group: kernel name -> group name (e.g. :func:`attnkit.graph.groups.measured_group`);
+        group: kernel name -> group name (e.g. :func:`attnkit.analyze.groups.measured_group`);
             None groups by kernel name.
     """
     fn()

@@ -151,7 +151,7 @@ def _read_json(path: Path, flag: str, expected: str) -> Any:
 
 
 def _check_hardware_file(path: Path) -> None:
-    from attnkit.graph import load_hardware
+    from attnkit.measure import load_hardware
 
     expected = "a built-in hardware name or a profile JSON written by `attnkit calibrate`"
     data = _read_json(path, "--hardware", expected)
@@ -161,7 +161,7 @@ def _check_hardware_file(path: Path) -> None:
 
 
 def _check_measured(path: Path) -> None:
-    from attnkit.graph import load_measured
+    from attnkit.measure import load_measured
 
     expected = "a profile JSON written by `attnkit profile --json`"
     data = _read_json(path, "--measured", expected)

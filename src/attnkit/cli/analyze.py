@@ -38,8 +38,8 @@ def register(app: typer.Typer) -> None:
         check_inputs(models=model, batch=batch, seq=seq, hardware=hardware, measured=measured,
                      outputs={"--json": json_path, "--markdown": markdown, "--html": html_path})
 
-        from attnkit.graph import analyze, load_hardware, load_measured, render_report, to_html
-        from attnkit.graph.render import StepProgress
+        from attnkit.analyze import StepProgress, analyze, render_report, to_html
+        from attnkit.measure import load_hardware, load_measured
         from attnkit.models import build_model, default_seq_len
 
         profile = load_hardware(hardware)  # argument errors before the slow model build

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         check_inputs(outputs={"--out": out})
 
         from attnkit.errors import check_arg
-        from attnkit.graph import calibrate
+        from attnkit.measure import calibrate
 
         check_arg(device in (None, "cpu", "cuda"), "--device", "'cpu' or 'cuda'", device)
         console = Console(stderr=True)

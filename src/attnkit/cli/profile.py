@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from attnkit.graph import profile_models
+        from attnkit.measure import profile_models
         from attnkit.utils import parse_dtype
 
         gpu = torch.cuda.is_available()

@@ -1,99 +1,39 @@
-"""Route every ``F.scaled_dot_product_attention`` call of a model through a handler.
+"""Force one backend for a whole model: every SDPA call it makes, found by :mod:`attnkit.discover.runtime`.
 
-This is how validate sees a model's attention calls (their real shapes, masks and dtypes) and
-how it forces one backend for the whole model, including backends PyTorch's ``sdpa_kernel``
-does not know (``flex``, ``chunked``, a custom kernel):
-
-- HF transformers models loaded with ``attn_implementation="sdpa"`` and most custom models
-  call ``torch.nn.functional.scaled_dot_product_attention``; it is patched for the duration.
-- ``nn.MultiheadAttention`` calls it from ``F.multi_head_attention_forward`` (looked up in the
-  same module namespace), except on its inference fast path, which is a fused C++ op; the
-  fast path is turned off for the duration (``torch.backends.mha.set_fastpath_enabled``).
-- Layers that write attention as matmul + softmax (HF ``attn_implementation="eager"``,
-  ``need_weights=True``) never call SDPA and are not routed; validate says so per layer.
-
-SDPA's ``is_causal`` is top-left aligned; calls are translated to attnkit's bottom-right
-convention (an explicit mask when ``Sq != Skv``). Global state is restored in ``finally``.
+This is how validate runs a model with backends PyTorch's ``sdpa_kernel`` does not know (``flex``,
+``chunked``, a custom kernel) or pins one it does. Layers written as matmul + softmax never call SDPA
+and keep running as written; validate says so per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from attnkit.ops import attention, causal_mask
+from attnkit.discover.runtime import intercept_attention
+from attnkit.errors import UnsupportedError
 
-__all__ = ["SdpaCall", "intercept_sdpa", "force_backend"]
-
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
-_state = threading.local()
-
-
-@dataclass
-class SdpaCall:
-    """One SDPA call in attnkit's conventions (``mask`` True/additive, causal bottom-right)."""
-
-    q: torch.Tensor  # (B, Hq, Sq, D)
-    k: torch.Tensor  # (B, Hkv, Skv, D)
-    v: torch.Tensor  # (B, Hkv, Skv, Dv)
-    mask: torch.Tensor | None
-    causal: bool
-    scale: float | None
-    dropout_p: float
-
-    @classmethod
-    def from_sdpa(cls, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> SdpaCall:
-        mask, causal = attn_mask, bool(is_causal)
-        seq_q, seq_kv = query.shape[-2], key.shape[-2]
-        if causal and seq_q != seq_kv:  # SDPA aligns top-left: key j <= i
-            top_left = causal_mask(seq_q, seq_kv, device=query.device, offset=0)
-            mask = top_left if mask is None else (mask & top_left if mask.dtype == torch.bool else mask.masked_fill(~top_left, float("-inf")))
-            causal = False
-        return cls(query, key, value, mask, causal, scale, float(dropout_p))
-
-    def run(self, backend) -> torch.Tensor:
-        """Run this call on ``backend``: a name in ``attnkit.ops.BACKENDS`` or a callable like ``attention``."""
-        kwargs = dict(mask=self.mask, causal=self.causal, scale=self.scale, dropout_p=self.dropout_p, dropout_mask=None, return_lse=False)
-        if callable(backend):
-            return backend(self.q, self.k, self.v, **kwargs)
-        return attention(self.q, self.k, self.v, backend=backend, **kwargs)
+__all__ = ["force_backend", "pass_through"]
 
 
 @contextlib.contextmanager
-def intercept_sdpa(handler: Callable[[SdpaCall, Callable[..., torch.Tensor]], torch.Tensor]) -> Iterator[None]:
-    """Within the block, ``F.scaled_dot_product_attention(...)`` returns ``handler(call, original)``.
+def force_backend(backend) -> Iterator[None]:
+    """Run every SDPA call of the block on ``backend`` (a name in ``BACKENDS`` or a callable like ``attention``).
 
-    ``original`` is the unpatched SDPA (called with the original arguments it runs the model's
-    default). Calls made while a handler runs (a backend that itself uses SDPA) go straight to
-    the original, so handlers never recurse.
+    Raises:
+        UnsupportedError: after the block, when a call could not be routed (``nn.MultiheadAttention`` on a
+            torch without ``torch.overrides.redispatch_function``): its numbers are the default's.
     """
-
-    def patched(*args, **kwargs):
-        original = lambda: _ORIGINAL_SDPA(*args, **kwargs)  # noqa: E731
-        query = args[0] if args else kwargs.get("query")
-        if getattr(_state, "busy", False) or not isinstance(query, torch.Tensor) or query.dim() != 4:
-            return original()  # nested calls, and unbatched 3-D calls, run as they are
-        _state.busy = True
-        try:
-            return handler(SdpaCall.from_sdpa(*args, **kwargs), original)
-        finally:
-            _state.busy = False
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    F.scaled_dot_product_attention = patched
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
+    with intercept_attention(lambda call, original: call.run(backend)) as mode:
         yield
-    finally:
-        F.scaled_dot_product_attention = _ORIGINAL_SDPA
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    if mode.unrouted:
+        raise UnsupportedError(
+            f"routing {sorted(set(mode.unrouted))} to a backend needs torch.overrides.redispatch_function, which "
+            f"torch {torch.__version__} lacks; upgrade torch to validate these layers.")
 
 
-def force_backend(backend) -> contextlib.AbstractContextManager:
-    """Run every SDPA call of the block on ``backend`` (a name in ``BACKENDS`` or a callable)."""
-    return intercept_sdpa(lambda call, original: call.run(backend))
+def pass_through() -> contextlib.AbstractContextManager:
+    """Intercept every SDPA call and run it as the model made it: the default, with the same interception cost."""
+    return intercept_attention(lambda call, original: original())

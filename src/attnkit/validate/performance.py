@@ -9,7 +9,6 @@ warm-up, median/p95/p99); on CPU results carry ``clock="cpu-wall"`` and memory i
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
@@ -22,7 +21,7 @@ from attnkit.ops import AttentionSpec, attention, backend_support
 from attnkit.ops.masks import merged_mask
 from attnkit.validate.accuracy import cast_inputs, describe_spec, make_inputs
 from attnkit.validate.config import ValidateConfig
-from attnkit.validate.intercept import force_backend
+from attnkit.validate.intercept import force_backend, pass_through
 from attnkit.validate.sites import AttentionLayer
 
 __all__ = ["PerfResult", "sweep_specs", "time_layers", "time_model"]
@@ -157,7 +156,8 @@ def time_model(
     batch = next((x.shape[0] for x in (*inputs, *kwargs.values()) if isinstance(x, torch.Tensor)), 1)
     results = []
     for label, backend in {DEFAULT: None, **backends}.items():
-        context = (lambda: force_backend(backend)) if backend is not None else contextlib.nullcontext
+        # The default runs intercepted too, so every row pays the same interception cost.
+        context = (lambda: force_backend(backend)) if backend is not None else pass_through
 
         def forward():
             with torch.no_grad(), context():

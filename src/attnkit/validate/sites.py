@@ -1,12 +1,12 @@
 """Find a model's attention layers and their real call shapes by running it once.
 
-Every ``F.scaled_dot_product_attention`` call is recorded (see ``intercept.py``) and named
+Every ``F.scaled_dot_product_attention`` call is recorded (:mod:`attnkit.discover.runtime`) and named
 after the innermost module that made it; ``nn.MultiheadAttention`` layers are recorded by
 module type, with the reasons they leave the fused path (``need_weights=True`` makes them
 compute explicit softmax weights, which no fused kernel returns). Recording comes first
 because it sees what an exported graph has lowered away (module names, ``need_weights``, the
 real mask tensors); when it finds nothing (attention written as matmul + softmax, e.g. HF
-``attn_implementation="eager"``), ``attnkit.graph`` capture and pattern matching are tried.
+``attn_implementation="eager"``), ``attnkit.discover`` capture and pattern matching are tried.
 Layers with the same call description are grouped into one :class:`AttentionLayer`.
 """
 
@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from attnkit.discover.attention import find_attention
+from attnkit.discover.capture import capture
+from attnkit.discover.runtime import AttentionCall, intercept_attention
+from attnkit.errors import CaptureError
 from attnkit.ops import AttentionSpec, attention_spec
 from attnkit.utils.dtypes import parse_dtype
-from attnkit.validate.intercept import SdpaCall, intercept_sdpa
 
 __all__ = ["AttentionLayer", "find_layers", "spec_from_json"]
 
@@ -96,7 +99,7 @@ def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> li
     def post_hook(module, args, kwargs, output):
         stack.pop()
 
-    def on_sdpa(call: SdpaCall, original):
+    def on_sdpa(call: AttentionCall, original):
         owner = stack[-1] if stack else "<model>"
         if not (found and found[-1][0] == owner and found[-1][1] == "nn.MultiheadAttention"):
             spec = attention_spec(call.q, call.k, call.v, mask=call.mask, causal=call.causal, scale=call.scale, dropout_p=call.dropout_p)
@@ -108,7 +111,7 @@ def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> li
         handles.append(module.register_forward_pre_hook(pre_hook(name or "<model>"), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        with torch.no_grad(), intercept_sdpa(on_sdpa):
+        with torch.no_grad(), intercept_attention(on_sdpa):
             model(*example_inputs, **example_kwargs)
     finally:
         for handle in handles:
@@ -121,14 +124,12 @@ _EXPLICIT = "written as matmul + softmax: no backend runs it until the layer cal
 
 
 def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[_Found]:
-    """Attention found by ``attnkit.graph`` pattern matching on a captured graph (best effort)."""
+    """Attention found by ``attnkit.discover`` pattern matching on a captured graph; none if export fails."""
     try:
-        from attnkit.graph.attention import find_attention
-        from attnkit.graph.capture import capture
-
-        sites = find_attention(capture(model, example_inputs, example_kwargs))
-    except Exception:  # capture is a fallback here: a model it cannot export just has no graph sites
+        captured = capture(model, example_inputs, example_kwargs)
+    except CaptureError:  # a fallback here: a model torch.export cannot capture just has no graph sites
         return []
+    sites = find_attention(captured)
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     found = []
     for site in sites:

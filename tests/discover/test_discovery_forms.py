@@ -1,0 +1,139 @@
+"""find_attention() on attention spelled the ways real models spell it: Gemma 2's soft-capped logits,
+BLOOM's ALiBi ``baddbmm`` with a head view before the softmax, ``torch.einsum``; and what is not attention."""
+
+import math
+
+import pytest
+import torch
+
+from attnkit.discover.attention import find_attention
+from attnkit.discover.capture import capture
+
+_B, _S, _H, _D = 2, 6, 4, 8
+_WIDTH = _H * _D
+
+
+class _Heads(torch.nn.Module):
+    """Packed Q/K/V projection split into (B, H, S, D) heads, and the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(_WIDTH, 3 * _WIDTH), torch.nn.Linear(_WIDTH, _WIDTH)
+
+    def split(self, x):  # x: (B, S, W) -> 3 x (B, H, S, D)
+        return self.qkv(x).view(_B, _S, 3, _H, _D).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge(self, o):  # o: (B, H, S, D) -> (B, S, W)
+        return self.out(o.transpose(1, 2).reshape(_B, _S, _WIDTH))
+
+
+class _SoftCapped(_Heads):
+    """Gemma 2 eager attention: scores * scaling / cap -> tanh -> * cap -> + causal mask -> softmax."""
+
+    cap, scaling = 50.0, 0.3
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        scores = torch.tanh(scores / self.cap) * self.cap
+        mask = torch.full((_S, _S), torch.finfo(x.dtype).min, device=x.device).triu(1)
+        probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.merge(torch.matmul(probs, v))
+
+
+class _Alibi(_Heads):
+    """BLOOM: (B*H, S, D) heads, ALiBi bias through ``baddbmm(beta=1, alpha=1/sqrt(D))``, a (B, H, S, S) view,
+    a causal ``masked_fill``, softmax in fp32, a view back to (B*H, S, S) and ``bmm`` with V."""
+
+    def forward(self, x, alibi):  # alibi: (B*H, 1, S)
+        q, k, v = (t.reshape(_B * _H, _S, _D) for t in self.split(x))
+        scores = alibi.baddbmm(batch1=q, batch2=k.transpose(-1, -2), beta=1.0, alpha=1 / math.sqrt(_D))
+        scores = scores.view(_B, _H, _S, _S)
+        future = torch.ones(_S, _S, dtype=torch.bool, device=x.device).triu(1)
+        probs = torch.softmax(scores.masked_fill(future, torch.finfo(x.dtype).min), dim=-1, dtype=torch.float32)
+        out = torch.bmm(probs.to(q.dtype).view(_B * _H, _S, _S), v)
+        return self.merge(out.view(_B, _H, _S, _D))
+
+
+class _Einsum(_Heads):
+    def forward(self, x):
+        q, k, v = self.split(x)
+        probs = (torch.einsum("bhqd,bhkd->bhqk", q, k) * _D**-0.5).softmax(-1)
+        return self.merge(torch.einsum("bhqk,bhkd->bhqd", probs, v))
+
+
+class _NotAttention(torch.nn.Module):
+    """A softmax between two einsums that are not (rows, inner) x (inner, cols) products: a mixture gate."""
+
+    def forward(self, x, experts):  # x: (B, S, E), experts: (E, S, W)
+        gate = torch.einsum("bse,ese->bse", x, experts[..., :1].expand(-1, -1, x.shape[-1]).transpose(0, 2)).softmax(-1)
+        return torch.einsum("bse,esw->bsw", gate, experts)
+
+
+def _one_site(model, *inputs):
+    (site,) = find_attention(capture(model, inputs))
+    return site
+
+
+def test_soft_capped_attention_is_found_with_its_cap_and_scale():
+    site = _one_site(_SoftCapped(), torch.randn(_B, _S, _WIDTH))
+    assert (site.form, site.kind, site.causal, site.mask, site.qkv_layout) == ("matmul-softmax", "self", True, "causal", "packed")
+    assert site.softcap == pytest.approx(50.0) and site.scale == pytest.approx(0.3)
+    assert (site.batch, site.num_heads, site.seq_q, site.head_dim_qk) == (_B, _H, _S, _D)
+    assert all(site.projections[key] is not None for key in ("q", "k", "v", "out"))
+
+
+def test_alibi_baddbmm_with_head_view_is_found():
+    alibi = torch.randn(_B * _H, 1, _S)
+    site = _one_site(_Alibi(), torch.randn(_B, _S, _WIDTH), alibi)
+    assert (site.form, site.kind, site.causal, site.qkv_layout) == ("matmul-softmax", "self", True, "packed")
+    assert site.mask == "padding"  # ALiBi is added from a model input; it is not a pure masking pattern
+    assert (site.batch, site.num_heads, site.num_kv_heads, site.seq_kv, site.head_dim_v) == (_B, _H, _H, _S, _D)
+    assert site.scale == pytest.approx(_D**-0.5) and site.softcap == 0.0
+    assert site.projections["out"] is not None
+
+
+def test_einsum_attention_is_found_and_other_einsums_are_not():
+    site = _one_site(_Einsum(), torch.randn(_B, _S, _WIDTH))
+    assert (site.form, site.causal, site.mask, site.qkv_layout) == ("matmul-softmax", False, "none", "packed")
+    assert (site.batch, site.num_heads, site.seq_q, site.seq_kv, site.head_dim_qk) == (_B, _H, _S, _S, _D)
+    assert site.scale == pytest.approx(_D**-0.5)
+    assert find_attention(capture(_NotAttention(), (torch.randn(2, 5, 3), torch.randn(3, 5, 7)))) == []
+
+
+def test_tanh_without_a_cap_is_no_soft_cap():
+    class _Tanh(_Heads):  # tanh on the scores with no cap around it: cap 1
+        def forward(self, x):
+            q, k, v = self.split(x)
+            return self.merge(torch.matmul(torch.tanh(torch.matmul(q, k.transpose(2, 3))).softmax(-1), v))
+
+    site = _one_site(_Tanh(), torch.randn(_B, _S, _WIDTH))
+    assert site.softcap == 1.0 and site.scale == 1.0
+
+
+def _tiny(config_cls, model_cls, **fields):
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, config_cls)(vocab_size=64, **fields)
+    config._attn_implementation = "eager"
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def test_transformers_gemma2_soft_capping():
+    model = _tiny("Gemma2Config", "Gemma2Model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0,
+                  query_pre_attn_scalar=8)
+    sites = find_attention(capture(model, (), {"input_ids": torch.randint(0, 64, (2, 8))}))
+    assert len(sites) == 2
+    for site in sites:
+        assert (site.causal, site.num_heads, site.num_kv_heads, site.softcap) == (True, 4, 2, 50.0)
+        assert site.scale == pytest.approx(8**-0.5)
+
+
+def test_transformers_bloom_alibi():
+    model = _tiny("BloomConfig", "BloomModel", hidden_size=32, n_layer=2, n_head=4)
+    ids = torch.randint(0, 64, (2, 8))
+    sites = find_attention(capture(model, (), {"input_ids": ids}))
+    assert len(sites) == 2
+    for site in sites:
+        assert (site.form, site.causal, site.num_heads, site.head_dim_qk, site.seq_kv) == ("matmul-softmax", True, 4, 8, 8)
+        assert site.qkv_layout == "packed" and site.scale == pytest.approx(8**-0.5)
