@@ -97,3 +97,39 @@ def test_analyze_never_measures():
     """``analyze`` sits below ``measure``: this machine's profile is resolved first, by ``measure.load_hardware``."""
     with pytest.raises(InvalidArgumentError, match=r"load_hardware\('this'\)"):
         analyze(torch.nn.Linear(4, 4), torch.randn(1, 4), hardware="this")
+
+
+def test_markdown_terminal_and_html_show_the_same_tables(report):
+    from attnkit.analyze import to_html
+
+    tables = report.tables(top=3)
+    assert [len(rows) for _, _, rows in tables] == [len(report.modes), len(report.savings), len(report.attention),
+                                                    len(report.attention), 3]
+    markdown, page = report.to_markdown(), to_html(report)
+    console = Console(record=True, width=250)
+    render_report(report, console, top=3)
+    shown = console.export_text()
+    for title, header, rows in tables:
+        assert f"## {title}" in markdown and title in shown and f">{title}</h2>" in page
+        for row in rows:
+            assert "| " + " | ".join(row) + " |" in markdown
+            assert all(cell in shown for cell in row if cell)
+
+
+def test_rows_derive_their_shared_fields_from_the_cost_model():
+    from dataclasses import fields
+
+    from attnkit.analyze.cost import KernelCost, ModeCost
+    from attnkit.analyze.partition import Kernel
+    from attnkit.analyze.report import KernelRow
+
+    kernel = Kernel("mm", "gemm", ("mm_1",), 4096, 1024, 512, "h.0", seq_kv=7)
+    row = KernelRow.of(kernel, KernelCost(2e-6, 3e-6, 1e-6, "memory"), "gemm")
+    assert (row.name, row.layer, row.ops, row.weight_bytes, row.intensity) == ("mm", "h.0", ("mm_1",), 512, 4.0)
+    assert row.time_s == pytest.approx(4e-6) and row.bound == "memory" and row.group == "gemm"
+    cost = ModeCost("eager", 1, 4096, 1024, 4e-6, 9e-6, 5e-6, (KernelCost(2e-6, 3e-6, 1e-6, "memory"),))
+    summary = ModeSummary.of(cost, (row,))
+    shared = {f.name for f in fields(ModeSummary)} & {f.name for f in fields(ModeCost)} - {"kernels"}
+    assert shared == {"mode", "num_kernels", "total_flops", "total_bytes", "device_s", "host_s", "host_busy_s"}
+    assert all(getattr(summary, name) == getattr(cost, name) for name in shared)
+    assert (summary.predicted_s, summary.limiter, summary.kernels) == (cost.predicted_s, cost.limiter, (row,))

@@ -151,13 +151,8 @@ def _evidence_notes(sites) -> tuple[str, ...]:
 
 
 def _summary(part: Partition, cost: ModeCost) -> ModeSummary:
-    rows = tuple(
-        KernelRow(k.name, k.category, k.layer, k.ops, k.flops, k.bytes, k.weight_bytes, k.intensity,
-                  c.bound, c.time_s, predicted_group(k))
-        for k, c in zip(part.kernels, cost.kernels)
-    )
-    return ModeSummary(part.mode, cost.num_kernels, cost.total_flops, cost.total_bytes, cost.device_s, cost.host_s,
-                       cost.predicted_s, cost.limiter, rows, cost.host_busy_s)
+    rows = tuple(KernelRow.of(k, c, predicted_group(k)) for k, c in zip(part.kernels, cost.kernels))
+    return ModeSummary.of(cost, rows)
 
 
 def _steps(site: AttentionSite, nodes: dict[str, torch.fx.Node], decomposed: DecomposedGraph) -> tuple[str, ...]:
@@ -177,12 +172,11 @@ def _attention_rows(sites, graph: torch.fx.Graph, decomposed: DecomposedGraph, p
     for site in sites:
         index = next((where[n] for n in reversed(site.core) if n in where), None)
         kernel = part.kernels[index] if index is not None else None
-        rows.append(AttentionRow(
-            site.name, site.kind, site.form, site.causal, site.num_heads, site.num_kv_heads, site.head_dim_qk,
-            site.head_dim_v, site.batch, site.seq_q, site.seq_kv, site.mask, site.qkv_layout,
-            kernel.flops if kernel else 0, kernel.bytes if kernel else 0, kernel.intensity if kernel else 0.0,
-            cost.kernels[index].bound if kernel else "memory", cost.kernels[index].time_s if kernel else 0.0,
-            _steps(site, nodes, decomposed), kernel.name if kernel else "",
+        rows.append(AttentionRow.of(
+            site, flops=kernel.flops if kernel else 0, bytes=kernel.bytes if kernel else 0,
+            intensity=kernel.intensity if kernel else 0.0, bound=cost.kernels[index].bound if kernel else "memory",
+            time_s=cost.kernels[index].time_s if kernel else 0.0, steps=_steps(site, nodes, decomposed),
+            fused_kernel=kernel.name if kernel else "",
         ))
     return rows
 

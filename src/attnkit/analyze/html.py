@@ -1,4 +1,4 @@
-"""One self-contained HTML page for a report: an inline-SVG roofline, per-layer times, attention table.
+"""One self-contained HTML page for a report: its tables, an inline-SVG roofline and per-layer times.
 
 No scripts, fonts, images or styles are fetched from anywhere; the file opens offline.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from attnkit.hardware.profiles import dtype_key
 from attnkit.analyze.report import AnalysisReport, KernelRow
 from attnkit.utils.dtypes import parse_dtype
+from attnkit.utils.tables import html_table
 
 __all__ = ["to_html", "roofline_svg"]
 
@@ -113,51 +114,29 @@ def _describe(kernel: KernelRow) -> str:
             f"{kernel.intensity:.1f} FLOP/B, {kernel.bound}-bound, {kernel.time_s * 1e3:.4f} ms")
 
 
-def _table(headers: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    cells = ("".join(f'<td{" class=n" if i >= numeric_from else ""}>{cell}</td>' for i, cell in enumerate(row))
-             for row in rows)
-    body = "".join(f"<tr>{row}</tr>" for row in cells)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _layer_bars(report: AnalysisReport, mode: str) -> str:
     times = report.layer_times(mode)
     longest = max(times.values(), default=0.0) or 1.0
-    rows = [[html.escape(layer), f"{seconds * 1e3:.4f}",
-             f'<div class="bar" style="width:{300 * seconds / longest:.0f}px"></div>'] for layer, seconds in times.items()]
-    return _table(["layer", "predicted ms", ""], rows)
+    rows = "".join(f'<tr><td>{html.escape(layer)}</td><td class=n>{seconds * 1e3:.4f}</td><td><div class="bar" '
+                   f'style="width:{300 * seconds / longest:.0f}px"></div></td></tr>' for layer, seconds in times.items())
+    return f"<table><tr><th>layer</th><th>predicted ms</th><th></th></tr>{rows}</table>"
 
 
 def to_html(report: AnalysisReport) -> str:
-    """The whole page as a string (write it to a ``.html`` file)."""
+    """The whole page as a string (write it to a ``.html`` file): header, ``report.tables()`` with the
+    roofline and per-layer bars after the totals and savings."""
     mode = report.modes[-1].mode
     e = html.escape
-    modes = []
-    for m in report.modes:
-        got = report.measured.get(m.mode, {})
-        modes.append([e(m.mode), str(m.num_kernels), f"{m.total_bytes / 1e9:.3f}", f"{m.predicted_s * 1e3:.3f}",
-                      e(m.limiter), str(got.get("kernels", "")), str(got.get("latency_ms", ""))])
-    savings = [[e(s.step), e(s.mode), str(s.kernels_saved), f"{s.bytes_saved / 1e6:.1f}", f"{s.time_saved_s * 1e3:.3f}"]
-               for s in report.savings]
-    attention = [[e(a.name or "<root>"), e(a.kind + (", causal" if a.causal else "")), str(a.batch),
-                  f"{a.num_heads} ({a.num_kv_heads})", f"{a.seq_q} x {a.seq_kv}", str(a.head_dim_qk), e(a.mask),
-                  e(a.qkv_layout), f"{a.flops / 1e9:.3f}", e(a.bound), f"{a.time_s * 1e3:.4f}",
-                  e(" -> ".join(a.steps)), e(a.fused_kernel)] for a in report.attention]
+    tables = [html_table(*table) for table in report.tables()]
     return "".join([
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>attnkit analyze: {e(report.model)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>attnkit analyze: {e(report.model)}</h1>",
-        f"<p>{e(str(report.hardware.get('name')))}, dtype {e(report.dtype)}; {report.total_flops / 1e9:.2f} GFLOP per forward "
-        f"({report.dense_flops / 1e9:.2f} with attention non-causal). FLOPs: {e(report.flop_convention)}.</p>",
-        "<h2>Totals per mode</h2>",
-        _table(["mode", "kernels", "GB moved", "predicted ms", "limited by", "measured kernels", "measured ms"], modes),
-        "<h2>What each fusion saves</h2>", _table(["step", "mode", "kernels", "MB", "ms"], savings, 2),
+        "".join(f"<p>{e(line)}</p>" for line in report.header_lines()),
+        *tables[:2],
         f"<h2>Roofline ({e(mode)})</h2>", roofline_svg(report, mode),
         f"<h2>Predicted time per layer ({e(mode)})</h2>", _layer_bars(report, mode),
-        f"<h2 id='attention'>Attention ({len(report.attention)} sites)</h2>",
-        _table(["name", "kind", "B", "heads (kv)", "Sq x Skv", "D", "mask", "QKV", "GFLOP", "bound", "ms", "primitive steps",
-                "fused into"], attention, 2),
+        *tables[2:],
         "".join(f"<p><small>{e(note)}</small></p>" for note in report.notes),
         "</body></html>",
     ])

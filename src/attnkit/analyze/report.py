@@ -1,4 +1,4 @@
-"""The analysis report: a versioned, JSON-serialisable data structure and its Markdown form.
+"""The analysis report: a versioned, JSON-serialisable data structure, its tables and its Markdown form.
 
 Times are seconds, sizes bytes, rates FLOP/s unless a field name says otherwise.
 ``schema_version`` changes its major number when a field is removed or changes meaning.
@@ -9,8 +9,15 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from attnkit.errors import check_arg
+from attnkit.utils.tables import Table, markdown_table
+
+if TYPE_CHECKING:
+    from attnkit.analyze.cost import KernelCost, ModeCost
+    from attnkit.analyze.partition import Kernel
+    from attnkit.discover.attention import AttentionSite
 
 __all__ = ["SCHEMA_VERSION", "KernelRow", "ModeSummary", "FusionSaving", "AttentionRow", "AnalysisReport"]
 
@@ -20,6 +27,11 @@ SCHEMA_VERSION = "1.2"
 def _build(cls, data: dict):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _derive(cls, source, **extra):
+    """``cls`` from the fields it shares by name with the dataclass ``source``, plus ``extra`` (which wins)."""
+    return _build(cls, {**{f.name: getattr(source, f.name) for f in fields(source)}, **extra})
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,11 @@ class KernelRow:
     group: str = ""
     """Kernel group for comparison with measurements (:data:`attnkit.analyze.groups.GROUPS`)."""
 
+    @classmethod
+    def of(cls, kernel: Kernel, cost: KernelCost, group: str) -> "KernelRow":
+        """The row of a partition kernel (its fields by name) with its predicted cost."""
+        return _derive(cls, kernel, intensity=kernel.intensity, bound=cost.bound, time_s=cost.time_s, group=group)
+
     def to_json(self) -> dict:
         return {**asdict(self), "ops": list(self.ops)}
 
@@ -62,6 +79,11 @@ class ModeSummary:
     kernels: tuple[KernelRow, ...] = ()
     host_busy_s: float = 0.0
     """Host dispatch time with the GPU backlogged (``host_s`` is with the GPU idle)."""
+
+    @classmethod
+    def of(cls, cost: ModeCost, kernels: tuple[KernelRow, ...]) -> "ModeSummary":
+        """The summary of a mode's predicted cost (its fields by name), with its kernels as rows."""
+        return _derive(cls, cost, predicted_s=cost.predicted_s, limiter=cost.limiter, kernels=kernels)
 
     def __repr__(self) -> str:
         return f"ModeSummary({self.mode!r}, kernels={self.num_kernels}, predicted_ms={self.predicted_s * 1e3:.3f})"
@@ -118,6 +140,11 @@ class AttentionRow:
     ``("transpose", "matmul", "mul", "add", "_safe_softmax", "matmul")``; empty in reports before schema 1.2."""
     fused_kernel: str = ""
     """The attention-aware kernel that absorbs all of ``steps`` (one fused attention kernel)."""
+
+    @classmethod
+    def of(cls, site: AttentionSite, **cost) -> "AttentionRow":
+        """The row of a discovered site (its shape fields by name) plus ``cost``: the fields after ``qkv_layout``."""
+        return _derive(cls, site, **cost)
 
     def to_json(self) -> dict:
         return {**asdict(self), "steps": list(self.steps)}
@@ -198,41 +225,56 @@ class AnalysisReport:
             "notes": tuple(data.get("notes", ())),
         })
 
-    def to_markdown(self) -> str:
-        """A Markdown summary: totals per mode, fusion savings, attention tables, top kernels."""
-        lines = [
-            f"# attnkit analyze: {self.model}", "",
-            f"- hardware: {self.hardware.get('name')} ({self.hardware.get('source')}), dtype {self.dtype}",
-            f"- FLOPs per forward: {self.total_flops / 1e9:.2f} GFLOP ({self.dense_flops / 1e9:.2f} GFLOP with attention "
-            f"counted non-causal); convention: {self.flop_convention}",
-            f"- graph: {self.num_nodes} ATen nodes, {len(self.attention)} attention sites", "",
-            "## Totals per mode", "",
-            "| mode | kernels | GB moved | predicted ms | limited by | measured kernels | measured ms |",
-            "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
-        ]
+    def tables(self, top: int = 10) -> list[Table]:
+        """The report as ``(title, header, rows)`` tables: totals per mode, fusion savings, attention sites,
+        their primitive steps, and the ``top`` slowest kernels of the last mode. The one table source of the
+        terminal view, :meth:`to_markdown` and the HTML page (:mod:`attnkit.utils.tables` lays them out)."""
+        modes = []
         for m in self.modes:
             got = self.measured.get(m.mode, {})
-            lines.append(f"| {m.mode} | {m.num_kernels} | {m.total_bytes / 1e9:.3f} | {m.predicted_s * 1e3:.3f} | "
-                         f"{m.limiter} | {got.get('kernels', '')} | {_fmt(got.get('latency_ms'))} |")
-        lines += ["", "## What each fusion saves", "", "| step | mode | kernels saved | MB saved | ms saved |",
-                  "| --- | --- | ---: | ---: | ---: |"]
-        lines += [f"| {s.step} | {s.mode} | {s.kernels_saved} | {s.bytes_saved / 1e6:.1f} | {s.time_saved_s * 1e3:.3f} |"
-                  for s in self.savings]
-        lines += ["", "## Attention", "", "| name | kind | causal | B | H (kv) | Sq x Skv | D | mask | QKV | GFLOP | bound | ms |",
-                  "| --- | --- | --- | ---: | ---: | --- | ---: | --- | --- | ---: | --- | ---: |"]
-        lines += [f"| {a.name or '<root>'} | {a.kind} | {a.causal} | {a.batch} | {a.num_heads} ({a.num_kv_heads}) | "
-                  f"{a.seq_q} x {a.seq_kv} | {a.head_dim_qk} | {a.mask} | {a.qkv_layout} | {a.flops / 1e9:.3f} | "
-                  f"{a.bound} | {a.time_s * 1e3:.4f} |" for a in self.attention]
-        lines += ["", "## Attention in primitive steps", "", "| name | steps | fused into (attention-aware) |",
-                  "| --- | --- | --- |"]
-        lines += [f"| {a.name or '<root>'} | {' -> '.join(a.steps)} | {a.fused_kernel} |" for a in self.attention]
+            modes.append([m.mode, str(m.num_kernels), f"{m.total_bytes / 1e9:.3f}", _ms(m.predicted_s), m.limiter,
+                          str(got.get("kernels", "")), _fmt(got.get("latency_ms"))])
+        savings = [[s.step, s.mode, str(s.kernels_saved), f"{s.bytes_saved / 1e6:.1f}", _ms(s.time_saved_s)]
+                   for s in self.savings]
+        attention = [[a.name or "<root>", f"{a.kind}, causal" if a.causal else a.kind, str(a.batch),
+                      f"{a.num_heads} ({a.num_kv_heads})", f"{a.seq_q} x {a.seq_kv}", str(a.head_dim_qk), a.mask,
+                      a.qkv_layout, f"{a.flops / 1e9:.3f}", a.bound, f"{a.time_s * 1e3:.4f}"] for a in self.attention]
+        steps = [[a.name or "<root>", " -> ".join(a.steps), a.fused_kernel] for a in self.attention]
         last = self.modes[-1].mode
-        lines += ["", f"## Top kernels ({last})", "", "| kernel | layer | GFLOP | MB | FLOP/B | bound | ms |",
-                  "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
-        lines += [f"| {k.name} | {k.layer} | {k.flops / 1e9:.3f} | {k.bytes / 1e6:.2f} | {k.intensity:.1f} | {k.bound} | "
-                  f"{k.time_s * 1e3:.4f} |" for k in self.top_kernels(last)]
-        lines += [""] + [f"> {note}" for note in self.notes]
+        kernels = [[k.name, k.layer, f"{k.flops / 1e9:.3f}", f"{k.bytes / 1e6:.2f}", f"{k.intensity:.1f}", k.bound,
+                    f"{k.time_s * 1e3:.4f}"] for k in self.top_kernels(last, top)]
+        return [
+            ("Totals per mode", ["mode", "kernels", "GB moved", "predicted ms", "limited by", "measured kernels",
+                                 "measured ms"], modes),
+            ("What each fusion saves", ["step", "mode", "kernels saved", "MB saved", "ms saved"], savings),
+            (f"Attention ({len(self.attention)} sites)", ["name", "kind", "B", "heads (kv)", "Sq x Skv", "D", "mask",
+                                                          "QKV", "GFLOP", "bound", "ms"], attention),
+            ("Attention in primitive steps, and the attention-aware kernel that fuses them",
+             ["name", "steps", "fused into"], steps),
+            (f"Top kernels by predicted time ({last})", ["kernel", "layer", "GFLOP", "MB", "FLOP/B", "bound", "ms"],
+             kernels),
+        ]
+
+    def header_lines(self) -> list[str]:
+        """Model, hardware, dtype, FLOPs and graph size: the lines above the tables in every rendering."""
+        return [
+            f"{self.model} on {self.hardware.get('name')} ({self.hardware.get('source')}), dtype {self.dtype}",
+            f"{self.total_flops / 1e9:.2f} GFLOP per forward ({self.dense_flops / 1e9:.2f} with attention counted "
+            f"non-causal), {self.num_nodes} ATen nodes, {len(self.attention)} attention sites",
+            f"FLOPs: {self.flop_convention}",
+        ]
+
+    def to_markdown(self) -> str:
+        """A Markdown summary: the header lines, then :meth:`tables`, then the notes."""
+        lines = [f"# attnkit analyze: {self.model}", ""] + [f"- {line}" for line in self.header_lines()] + [""]
+        for table in self.tables():
+            lines += markdown_table(*table)
+        lines += [f"> {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
 
 
 def _fmt(value) -> str:

@@ -25,6 +25,7 @@ import torch
 
 from attnkit.errors import CaptureError, check_type
 from attnkit.discover.fake import fake_cpu_copy, has_meta
+from attnkit.utils.modules import model_dtype
 from attnkit.utils.trees import cast_floating
 
 __all__ = ["CapturedGraph", "capture"]
@@ -119,7 +120,7 @@ def capture(
         graph_module=graph_module,
         example_inputs=tuple(example_inputs),
         example_kwargs=example_kwargs,
-        dtype=_param_dtype(model),
+        dtype=model_dtype(model),
         num_nodes=len(graph_module.graph.nodes),
         seconds=seconds,
     )
@@ -134,16 +135,9 @@ def _without_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, 
     return {**kwargs, "use_cache": False} if "use_cache" in parameters and "use_cache" not in kwargs else kwargs
 
 
-def _param_dtype(model: torch.nn.Module) -> torch.dtype:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
-
-
 def _cast(model, inputs, kwargs, dtype):
     """Return a cast copy of the model and inputs (the copy keeps the caller's model intact)."""
-    if _param_dtype(model) != dtype:
+    if model_dtype(model) != dtype:
         model = copy.deepcopy(model).to(dtype)
     return model, cast_floating(inputs, dtype), cast_floating(kwargs, dtype)
 

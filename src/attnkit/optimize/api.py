@@ -20,7 +20,8 @@ from attnkit.optimize.hf_models import Switch, backend_uses, describe_calls, rev
 from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
 from attnkit.optimize.rewrite import ModuleFilterFn, Skip, nested_tensor_twin, rewrite_modules
 from attnkit.optimize.select import select_variant
-from attnkit.utils.dtypes import parse_dtype
+from attnkit.utils.dtypes import dtype_name, parse_dtype
+from attnkit.utils.modules import model_device, model_dtype
 from attnkit.utils.trees import cast_floating
 
 __all__ = ["optimize", "measure_latency"]
@@ -105,8 +106,7 @@ def optimize(
     if args is None:
         report.notes.append("no example inputs: equivalence not checked, latency not measured")
     elif config.check:  # before the cast: the fp32 check needs the fp32 weights
-        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        check_config = config if config.dtype is not None else dataclasses.replace(config, dtype=model_dtype)
+        check_config = config if config.dtype is not None else dataclasses.replace(config, dtype=model_dtype(model))
         checked, note = nested_tensor_twin(reference, optimized)
         report.notes += [note] if note else []
         report.checks = check_equivalence(checked, optimized, args, kwargs, config=check_config, notes=report.notes)
@@ -126,7 +126,7 @@ def optimize(
     if config.compile != "none":
         optimized = torch.compile(optimized, mode=None if config.compile == "default" else config.compile)
         report.compiled = config.compile
-    if args is not None and config.measure and _device_of(optimized).type == "cuda":
+    if args is not None and config.measure and model_device(optimized).type == "cuda":
         report.latency = measure_latency(reference, optimized, args, kwargs, config=config)
     elif args is not None and config.measure:
         report.notes.append("latency measured only on CUDA; this model is on the CPU")
@@ -144,12 +144,6 @@ def _as_args(example_inputs) -> tuple | None:
 
 def _check_backend(backend: str) -> None:
     check_arg(backend == "auto" or backend in BACKENDS, "backend", f"'auto' or one of {sorted(BACKENDS)}", backend)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _use_attention_interface(model: nn.Module, args, kwargs: dict, config: OptimizeConfig, module_filter_fn, report: OptimizationReport) -> None:
@@ -204,16 +198,16 @@ def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dic
     a, k = cast_floating(args, config.dtype), cast_floating(kwargs, config.dtype)
     chosen, selection = select_variant(
         _in_dtype(reference, config.dtype), optimized, lambda module: module(*a, **k), rewrite_passed=report.passed,
-        compile_mode=config.compile, warmup=config.warmup, repeats=config.repeats, device=_device_of(optimized),
+        compile_mode=config.compile, warmup=config.warmup, repeats=config.repeats, device=model_device(optimized),
     )  # fmt: skip
     report.selection = selection
     report.compiled = config.compile if selection.picked.endswith("compile") else "none"
     report.notes.append(selection.summary)
     timed = {c.name: c for c in selection.candidates}
     if timed["eager"].median_ms is not None and timed[selection.picked].median_ms is not None:
-        dtype = str(config.dtype or next(optimized.parameters()).dtype).removeprefix("torch.")
+        dtype = dtype_name(config.dtype or model_dtype(optimized))
         report.latency = Latency(
-            str(_device_of(optimized)), dtype, timed["eager"].median_ms, timed[selection.picked].median_ms,
+            str(model_device(optimized)), dtype, timed["eager"].median_ms, timed[selection.picked].median_ms,
             report.compiled != "none", selection.clock,
         )  # fmt: skip
     return chosen
@@ -281,5 +275,5 @@ def measure_latency(original: nn.Module, optimized: nn.Module, args: tuple, kwar
     with torch.inference_mode():
         before = time_fn(lambda: baseline(*a, **k), warmup=config.warmup, repeats=config.repeats)
         after = time_fn(lambda: optimized(*a, **k), warmup=config.warmup, repeats=config.repeats)
-    dtype = str(config.dtype or next(optimized.parameters()).dtype).removeprefix("torch.")
-    return Latency(str(_device_of(optimized)), dtype, before.median_ms, after.median_ms, config.compile != "none", before.clock)
+    dtype = dtype_name(config.dtype or model_dtype(optimized))
+    return Latency(str(model_device(optimized)), dtype, before.median_ms, after.median_ms, config.compile != "none", before.clock)

@@ -33,7 +33,8 @@ from attnkit.errors import check_arg, check_type, fail
 from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.fuse import FusionPlan, apply_fusion, fused_groups
 from attnkit.optimize.report import OptimizationReport
-from attnkit.utils.dtypes import parse_dtype
+from attnkit.utils.dtypes import dtype_name, parse_dtype
+from attnkit.utils.modules import model_dtype
 
 __all__ = ["MANIFEST", "WEIGHTS", "save_optimized", "load_optimized"]
 
@@ -76,7 +77,7 @@ def save_optimized(model: nn.Module, report: OptimizationReport, directory: str 
         "schema": _SCHEMA,
         "format": "transformers" if pretrained else "safetensors",
         "model_class": type(model).__name__,
-        "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).removeprefix("torch."),
+        "dtype": dtype_name(model_dtype(model)),
         "config": report.config,
         "rewrites": [r.path for r in report.rewrites] if rewritten else [],
         "fusion": fused_groups(model).to_json(),

@@ -31,6 +31,7 @@ import torch
 from attnkit.errors import UnsupportedError
 from attnkit.ops import AttentionSpec, attention, backend_support
 from attnkit.utils.dtypes import dtype_name
+from attnkit.utils.modules import model_dtype
 from attnkit.utils.trees import cast_floating
 from attnkit.validate.config import BackendFn, ValidateConfig
 from attnkit.validate.intercept import force_backend
@@ -270,11 +271,7 @@ def reference_output(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> tor
 
 def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` itself if its weights are in ``dtype``, else a copy cast to ``dtype``."""
-    return model if _param_dtype(model) == dtype else copy.deepcopy(model).to(dtype)
-
-
-def _param_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return model if model_dtype(model) == dtype else copy.deepcopy(model).to(dtype)
 
 
 def check_model_output(

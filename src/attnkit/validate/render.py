@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.table import Table
+
+from attnkit.utils.tables import rich_table
 
 if TYPE_CHECKING:
     from attnkit.validate.report import ValidationReport
@@ -19,18 +20,17 @@ def render(report: ValidationReport, console: Console | None = None) -> None:
     """Print the report as rich tables, recommendations and the verdict."""
     console = console or Console()
     console.rule(f"attnkit validate {report.model} ({report.dtype}, {report.device})")
-    for title, header, rows in report.tables():
-        table = Table(title=title, title_justify="left", show_lines=False)
-        for column in header:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*(f"[{_STATUS_STYLE[cell]}]{cell}[/]" if cell in _STATUS_STYLE else cell for cell in row))
-        console.print(table)
+    for table in report.tables():
+        console.print(rich_table(*table, cell=_styled))
     for stage, reason in report.skipped.items():
         console.print(f"[yellow]skipped {stage}[/]: {reason}")
     for rec in report.recommendations:
         console.print(f"[bold]{rec.kind}[/] {rec.text}")
     console.print(f"[{'green' if report.passed else 'bold red'}]{report.summary}[/]")
+
+
+def _styled(cell: str) -> str:
+    return f"[{_STATUS_STYLE[cell]}]{cell}[/]" if cell in _STATUS_STYLE else cell
 
 
 def markdown(report: ValidationReport) -> str:

@@ -12,20 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.errors import check_arg
+from attnkit.utils.tables import Table, markdown_table
 from attnkit.validate.accuracy import QUANTITIES, AccuracyResult
 from attnkit.validate.compatibility import Environment, LayerSupport
 from attnkit.validate.compile_amp import CompileAmpResult
 from attnkit.validate.performance import PerfResult
 from attnkit.validate.recommend import Recommendation
 
-__all__ = ["SCHEMA", "Table", "ValidationReport"]
+__all__ = ["SCHEMA", "ValidationReport"]
 
 SCHEMA = "attnkit.validate/1"
 """Bump the number when a field changes meaning or goes away; adding fields keeps it."""
-
-Table = tuple[str, list[str], list[list[str]]]
-"""``(title, header, rows)``: one table of a report, rendered to the terminal and to Markdown."""
-
 
 @dataclass
 class ValidationReport:
@@ -162,10 +159,8 @@ class ValidationReport:
     def to_markdown(self) -> str:
         """The report as Markdown (tables, recommendations, verdict)."""
         lines = [f"# attnkit validate: {self.model} ({self.dtype}, {self.device})", "", f"**{self.summary}**", ""]
-        for title, header, rows in self.tables(detail=True):
-            lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-            lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
-            lines.append("")
+        for table in self.tables(detail=True):
+            lines += markdown_table(*table)
         if self.skipped:
             lines += ["## Skipped", ""] + [f"- {stage}: {reason}" for stage, reason in self.skipped.items()] + [""]
         if self.recommendations:

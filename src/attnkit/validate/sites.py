@@ -24,6 +24,7 @@ from attnkit.discover.runtime import AttentionCall, intercept_attention
 from attnkit.errors import CaptureError
 from attnkit.ops import AttentionSpec, attention_spec
 from attnkit.utils.dtypes import parse_dtype
+from attnkit.utils.modules import model_device, model_dtype
 
 __all__ = ["AttentionLayer", "find_layers", "spec_from_json"]
 
@@ -130,7 +131,6 @@ def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -
     except CaptureError:  # a fallback here: a model torch.export cannot capture just has no graph sites
         return []
     sites = find_attention(captured)
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     found = []
     for site in sites:
         spec = AttentionSpec(
@@ -141,8 +141,8 @@ def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -
             seq_kv=site.seq_kv,
             head_dim=site.head_dim_qk,
             head_dim_v=site.head_dim_v,
-            device=weight.device.type if weight is not None else "cpu",
-            dtype=weight.dtype if weight is not None else torch.float32,
+            device=model_device(model).type,
+            dtype=model_dtype(model),
             mask=_GRAPH_MASKS.get(site.mask, "additive"),
             causal=site.causal,
         )
