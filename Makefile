@@ -9,7 +9,7 @@ endif
 export PY
 MODEL ?= vit_b_16
 
-.PHONY: install install-dev run test test-latest test-timing test-gpu
+.PHONY: install install-dev run test test-zoo test-latest test-timing test-gpu
 
 # Runtime needs only (torch, transformers for the zoo, rich, typer, ...).
 install:
@@ -23,9 +23,14 @@ install-dev:
 run: install
 	$(PY) -m attnkit analyze $(MODEL)
 
-# The CPU test suite (GPU tests skip themselves without CUDA; wall-clock tests run separately).
+# The CPU test suite (GPU tests skip themselves without CUDA; wall-clock and full-size zoo tests run
+# separately: the suite stays under 4 GB per worker).
 test: install-dev
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not timing and not zoo"
+
+# optimize's equivalence proof on every full-size zoo model (one process; 3-5 GB peak).
+test-zoo: install-dev
+	$(PY) -m pytest -q -m zoo
 
 # The same suite against the newest release of every dependency but torch, in its own venv.
 test-latest:

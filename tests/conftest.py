@@ -2,6 +2,8 @@
 capture per zoo model for the discovery and analysis tests (``captured_zoo``)."""
 
 import functools
+import gc
+import time
 
 import pytest
 import torch
@@ -9,6 +11,17 @@ import torch
 # Two xdist workers share the CI machine's 2 cores: one intra-op thread each. Tiny models run ~10x
 # slower when two workers each spin two threads on a loaded 2-core box.
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """After a test that ran for a while (it built a model), collect reference cycles at once: exported
+    graphs and modules hold cycles that Python's generational GC frees late, and without this one
+    worker's RSS climbed from 2.3 to 3.4 GB over tests/discover alone."""
+    start = time.perf_counter()
+    yield
+    if time.perf_counter() - start > 0.5:
+        gc.collect()
 
 
 SEQ = 16

@@ -1,7 +1,8 @@
 """Every zoo model, full size: `optimize` rewrites its attention and passes the fp32 checks (eval and train).
 
-Marked slow; the small-config tests in test_optimize_equivalence.py cover the same families in the
-default run. ViT-L/16 is left out: it runs ViT-B/16's code path, and its real weights plus the fp32
+Marked `zoo` (run by `make test-zoo`, not `make test`: 3-5 GB per model); the small-config tests in
+test_optimize_equivalence.py and test_optimize_hf_models.py cover the same families in the default run.
+ViT-L/16 is left out: it runs ViT-B/16's code path, and its real weights plus the fp32
 and float64 copies the proof makes took one test worker past 4 GB.
 """
 
@@ -15,6 +16,7 @@ from attnkit.optimize import OptimizeConfig, optimize
 SEQ = {"vit_b_16": None}
 
 
+@pytest.mark.zoo
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "vit_l_16"])
 def test_zoo_model_equivalent(name):
