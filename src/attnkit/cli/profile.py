@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -53,7 +55,9 @@ def register(app: typer.Typer) -> None:
                           _num(r.predicted_ms, 3), _num(r.measured_ms, 3), r.note)
         Console().print(table)
         if json_path is not None:
-            json_path.write_text(json.dumps(result.to_json(), indent=1))
+            record = result.to_json()
+            record["command"] = record.get("command") or "attnkit " + shlex.join(sys.argv[1:])  # results carry their command
+            json_path.write_text(json.dumps(record, indent=1))
             console.print(f"wrote {json_path}")
 
 
