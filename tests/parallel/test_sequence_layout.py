@@ -57,3 +57,12 @@ def test_bad_splits_raise_naming_the_parameter():
         shard(x, 2, 2)
     with pytest.raises(InvalidArgumentError, match="shards: expected shards of one length"):
         unshard([x, x[:, :, :6]], layout="contiguous")
+
+
+def test_schedule_refuses_a_window_without_causal():
+    """A window with causal=False would be one-sided (every future key visible): refused, not computed."""
+    from attnkit.errors import UnsupportedError
+    from attnkit.parallel.schedule import ring_schedule
+
+    with pytest.raises(UnsupportedError, match="window"):
+        ring_schedule(64, 2, 0, causal=False, window=8)

@@ -140,7 +140,9 @@ def _forward(
         position_bias = None if position_bias is None else position_bias[..., :q_length]
     mask = attention_mask
     if mask is not None and mask.is_floating_point() and mask.dtype != query.dtype:
-        mask = mask.to(query.dtype)
+        # Clamp first: eager's fp32 "masked" value (finfo(float32).min) becomes -inf in half precision,
+        # which would turn a fully masked row's average-of-values (eager's result) into zeros.
+        mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
     if position_bias is not None:
         mask = _with_bias(mask, position_bias, key.dtype)
     if not torch.compiler.is_compiling() and _RECORDING.get() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,8 @@ import torch.distributed as dist
 from attnkit.errors import check_arg, check_type
 from attnkit.parallel.comm import check_same_across_ranks, group_info
 from attnkit.parallel.layout import LAYOUTS, check_layout
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = ["check_shards"]
 
@@ -61,7 +64,8 @@ def check_shards(
     check_layout(layout, q.shape[2] * world_size, world_size, parameter="S = q.shape[2] * world_size")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    check_type(scale, (int, float), "scale")
+    check_arg(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0,
+              "scale", "a finite positive number (or None for 1/sqrt(D))", scale)
     if verify and world_size > 1:
         values = {
             "q.shape[0] (batch)": q.shape[0],
@@ -72,6 +76,10 @@ def check_shards(
             "v.shape[3] (value head dim)": v.shape[3],
             "causal": int(causal),
             "layout (index in LAYOUTS)": LAYOUTS.index(layout),
+            # Different dtypes would make the P2P buffers disagree in size (corrupt data or a hang);
+            # different scales would silently compute different attentions on different ranks.
+            "q.dtype": _FLOAT_DTYPES.index(q.dtype) if q.dtype in _FLOAT_DTYPES else -1,
+            "scale (float64 bits)": struct.unpack("<q", struct.pack("<d", float(scale)))[0],
         }
         values.update(extra or {})
         check_same_across_ranks(values, group, q.device, "Every rank must pass shards of one sequence with the same options.")

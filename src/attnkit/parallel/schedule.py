@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from attnkit.errors import UnsupportedError
+
 from attnkit.parallel.layout import shard_chunks
 
 __all__ = ["Piece", "ring_schedule"]
@@ -117,6 +119,9 @@ def ring_schedule(
         ``schedule[step]``: the pieces of the K/V block of rank ``(rank - step) % world_size``;
         an empty list when the mask hides the whole block.
     """
+    if window is not None and not causal:
+        raise UnsupportedError("ring_schedule: window without causal=True (a one-sided window is not a symmetric "
+                               "local window; only the causal sliding window is supported)")
     seq_local = seq_len // world_size
     device = documents.device if device is None and documents is not None else device
     q_chunks = _local(shard_chunks(seq_len, world_size, rank, layout))

@@ -113,8 +113,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
         out = sparse_attention(q, k, v, ContentAware(block_size=128, density=0.2), key_mask=~padding)
     """
     if key_mask is not None:
-        ok = isinstance(key_mask, torch.Tensor) and key_mask.dtype == torch.bool and tuple(key_mask.shape) == (k.shape[0], k.shape[2])
-        check_arg(ok, "key_mask", f"a bool tensor (B, Skv)={(k.shape[0], k.shape[2])}, True = attend", key_mask)
+        ok = (isinstance(key_mask, torch.Tensor) and key_mask.dtype == torch.bool
+              and tuple(key_mask.shape) == (k.shape[0], k.shape[2]) and key_mask.device == k.device)
+        check_arg(ok, "key_mask", f"a bool tensor (B, Skv)={(k.shape[0], k.shape[2])} on {k.device}, True = attend", key_mask)
     mask = _block_mask(q, k, pattern, scale, block_size, key_mask)
     return attention(q, k, v, mask=mask, scale=scale, return_lse=return_lse, backend="sparse")
 

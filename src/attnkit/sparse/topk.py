@@ -164,7 +164,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: ContentAware, *, sca
     keep_ranked = (keep_ranked | (torch.arange(base_states.shape[1], device=q.device) < n_forced)).expand_as(order)
     blocks = torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked) & allowed
     kept_mass = (estimate * blocks).sum(-1)
-    return Selection(blocks, kept_mass.float(), base_states, grid, config.base)
+    return Selection(blocks, kept_mass.float(), base_states.clone(), grid, config.base)  # the pattern's cache keeps the original
 
 
 def estimated_cost(seq_q: int, seq_kv: int, head_dim: int, config: ContentAware, *, batch: int = 1, heads: int = 1) -> int:
