@@ -194,3 +194,26 @@ def test_no_transformers_model_rewrites_nothing_and_says_so():
 
     _, report = optimize(nn.Sequential(Scores()), (torch.randn(1, 4, 8),), config=FAST)
     assert report.rewritten == 0 and report.to_json()["rewritten"] == 0
+
+
+def test_eager_fp32_mask_on_half_queries_keeps_eagers_fully_masked_rows():
+    """An eager model hands an fp32 additive mask (finfo(float32).min where masked) to half-precision
+    queries (autocast). Cast naively, finfo(float32).min becomes -inf and a fully masked query row comes
+    out as zeros; eager averages the values there. Planted check: row 0 is fully masked."""
+    import torch
+    from torch import nn
+
+    from attnkit.optimize.hf_interface import _attnkit_eager_masks_forward
+
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, False
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 0, :] = torch.finfo(torch.float32).min
+    mask[..., 2, 3] = torch.finfo(torch.float32).min
+    out, _ = _attnkit_eager_masks_forward(module, q, k, v, mask, scaling=8**-0.5)  # (B, S, H, D)
+    torch.testing.assert_close(out[0, 0].float(), v[0, :, :, :].float().mean(dim=1), rtol=2e-2, atol=2e-2)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * 8**-0.5 + mask
+    eager = (scores.softmax(-1) @ v.float()).transpose(1, 2)
+    torch.testing.assert_close(out.float(), eager, rtol=3e-2, atol=3e-2)
