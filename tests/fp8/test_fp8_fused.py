@@ -85,3 +85,29 @@ def test_reversion_is_bit_identical_and_state_dict_round_trips():
     out, _ = _forward_backward(model, ids)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     assert list(model.state_dict()) == keys
+
+
+def test_delayed_history_of_a_fused_group_saves_loads_and_backs_off():
+    """The fused group's amax history is in the state dict (strict round trip), and the step helper
+    counts its overflow and clears its history like a Float8Linear's."""
+    from attnkit.fp8 import Float8TrainStep
+
+    model, ids, _ = _fused_llama()
+    model = convert_to_float8_training(model, config=Float8TrainingConfig(emulate=True, recipe="delayed"))
+    qkv = model.get_submodule(QKV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = Float8TrainStep(model, opt)
+    model(ids).last_hidden_state.sum().backward()
+    assert step() and (qkv.fp8_amax_history[:, 0] > 0).all()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(state[f"{QKV}.fp8_amax_history"], qkv.fp8_amax_history)
+    qkv.fp8_amax_history.zero_()
+    model.load_state_dict(state)  # strict: every key of its own state dict
+    assert torch.equal(qkv.fp8_amax_history, state[f"{QKV}.fp8_amax_history"])
+
+    with torch.no_grad():
+        qkv.weight[0, 0] = float("inf")  # planted overflow in the fused weight only
+    model(ids).last_hidden_state.sum().backward()
+    assert not step()
+    assert step.stats.overflow_weight == 1  # the fused group's weight, counted once
+    assert (qkv.fp8_amax_history == 0).all()  # scales backed off

@@ -132,3 +132,17 @@ def test_attnkit_multihead_attention_runs_context_parallel():
     torch.testing.assert_close(unshard([r["dx"] for r in per_rank], dim=1), x.grad, atol=1e-10, rtol=1e-10)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(per_rank[0][name], parameter.grad, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_boundary_mistakes_raise_attnkit_errors():
+    """Without an initialized process group, with a 1-D batch or a non-mesh ``mesh``: one-line attnkit errors."""
+    from attnkit.errors import AttnkitError
+
+    assert not dist.is_initialized()
+    with pytest.raises(UnsupportedError, match="not initialized"):
+        shard_lm_batch(torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(AttnkitError, match="input_ids"):
+        shard_lm_batch(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(AttnkitError, match="mesh"):
+        with context_parallel(torch.nn.Linear(2, 2), mesh="not a mesh"):
+            pass

@@ -15,7 +15,7 @@ from torch import nn
 
 from attnkit.errors import check_type
 from attnkit.fp8.config import Float8TrainingConfig
-from attnkit.fp8.linear import _float8_forward, _init_float8_state
+from attnkit.fp8.linear import Float8Linear, _float8_forward, _init_float8_state
 from attnkit.optimize.fuse import FusedLinear, FusedProjection
 
 __all__ = ["Float8FusedLinear", "repoint_members"]
@@ -56,9 +56,17 @@ class Float8FusedLinear(FusedLinear):
         """A plain :class:`FusedLinear` sharing this group's parameters (bit-identical weights)."""
         return _same_group_as(self, _empty_like(FusedLinear, self))
 
+    reset_amax_history = Float8Linear.reset_amax_history
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in) -> (..., sum(out_i))`` in the fused layout, in x's dtype."""
         return _float8_forward(self, x, self.weight, self.full_bias())
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """The members' original entries, plus ``fp8_amax_history`` (delayed) under this group's name."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fp8_amax_history is not None:
+            destination[f"{prefix}fp8_amax_history"] = self.fp8_amax_history if keep_vars else self.fp8_amax_history.detach()
 
     def extra_repr(self) -> str:
         emulated = ", emulate=True" if self.config.emulate else ""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from attnkit.errors import check_type
+from attnkit.fp8.fused import Float8FusedLinear
 from attnkit.fp8.linear import Float8Linear
 
 __all__ = ["Float8StepStats", "Float8TrainStep"]
@@ -54,7 +55,7 @@ class Float8TrainStep:
         """Step the optimizer if every gradient is finite; returns whether it stepped. One host sync."""
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
-        layers = [m for m in self.model.modules() if isinstance(m, Float8Linear)]
+        layers = [m for m in self.model.modules() if isinstance(m, (Float8Linear, Float8FusedLinear))]
         if layers:
             x, w, g = torch.stack([m.fp8_overflow_counts for m in layers]).sum(0).tolist()
             self.stats.overflow_x, self.stats.overflow_weight, self.stats.overflow_grad = x, w, g

@@ -36,9 +36,11 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from attnkit.errors import UnsupportedError, check_arg, check_type
 from attnkit.parallel.allgather import allgather_attention
+from attnkit.parallel.comm import group_info
 from attnkit.parallel.layout import LAYOUTS, shard_positions, shard_sequence
 from attnkit.parallel.ring import ring_attention
 from attnkit.parallel.ulysses import ulysses_attention
@@ -173,6 +175,7 @@ def context_parallel(
     """
     check_type(model, nn.Module, "model")
     if mesh is not None:
+        check_type(mesh, DeviceMesh, "mesh")
         check_arg(group is None and mesh.ndim == 1, "mesh", "a 1-D DeviceMesh (and no group)", mesh)
         group = mesh.get_group()
     config = ContextParallelConfig(group=group, layout=layout, method=method)
@@ -220,7 +223,8 @@ def shard_lm_batch(
         ``num_items_in_batch`` (the global count of labelled tokens, so each rank's loss is its
         share of the global mean and the ranks' losses sum to it).
     """
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    check_arg(input_ids.dim() == 2, "input_ids", "a (batch, seq) tensor", tuple(input_ids.shape))
+    rank, world_size = group_info(group)
     positions = shard_positions(input_ids.shape[1], world_size, rank, layout, device=input_ids.device)
     batch = {"input_ids": shard_sequence(input_ids, group, dim=1, layout=layout), "position_ids": positions.expand(input_ids.shape[0], -1), "use_cache": False}
     if labels is not None:
