@@ -217,3 +217,21 @@ def test_eager_fp32_mask_on_half_queries_keeps_eagers_fully_masked_rows():
     scores = (q.float() @ k.float().transpose(-1, -2)) * 8**-0.5 + mask
     eager = (scores.softmax(-1) @ v.float()).transpose(1, 2)
     torch.testing.assert_close(out.float(), eager, rtol=3e-2, atol=3e-2)
+
+
+def test_interface_calls_carry_the_site_record_graph_discovery_finds():
+    """optimize's interface calls and analyze's graph sites describe the same attention with the same record."""
+    from attnkit.discover import capture, find_attention
+
+    model, args, kwargs = build("llama")
+    graph = [site.record for site in find_attention(capture(model, args, kwargs))]
+    optimized, _ = optimize(model, args, example_kwargs=kwargs, config=FAST)
+    with record_calls() as calls, torch.no_grad():
+        optimized(*args, **kwargs)
+    assert len(calls) == len(graph) == 2
+    batch, seq = args[0].shape
+    shared = ("num_heads", "num_kv_heads", "head_dim_qk", "head_dim_v", "batch", "seq_q", "seq_kv", "dropout_p")
+    for call, site in zip(calls, graph):
+        assert [getattr(call.site, f) for f in shared] == [getattr(site, f) for f in shared] == [4, 2, 8, 8, batch, seq, seq, 0.0]
+        assert call.shape == f"B={batch} Hq=4 Hkv=2 Sq={seq} Skv={seq} D=8 float32 mask=bool causal=False"
+        assert call.site.spec(device="cpu", dtype=torch.float32).heads_kv == 2

@@ -32,6 +32,7 @@ from torch.fx.operator_schemas import normalize_function
 from attnkit.errors import check_type
 from attnkit.discover.capture import CapturedGraph
 from attnkit.discover.mask_values import evaluable, evaluate
+from attnkit.discover.site import SiteRecord
 
 __all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "sdpa_arguments", "op_name"]
 
@@ -66,7 +67,8 @@ MaskEvidence = Literal["flag", "values", "probe", "graph"]
 class AttentionSite:
     """One attention in the graph: its shape, masking and the GEMMs around it.
 
-    Node names refer to ``CapturedGraph.graph_module.graph``.
+    Node names refer to ``CapturedGraph.graph_module.graph``. :attr:`record` is the shared
+    :class:`~attnkit.discover.site.SiteRecord`; the graph's own fields (form, nodes, evidence) stay here.
     """
 
     name: str
@@ -119,6 +121,15 @@ class AttentionSite:
             f"B={self.batch} H={heads} Sq={self.seq_q} Skv={self.seq_kv} D={self.head_dim_qk}, "
             f"mask={self.mask}, qkv={self.qkv_layout}, {self.form})"
         )
+
+    @property
+    def record(self) -> SiteRecord:
+        """The shared site record (what validate and optimize also produce); graph-only fields stay here."""
+        return SiteRecord(
+            path=self.name, kind=self.kind, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim_qk=self.head_dim_qk, head_dim_v=self.head_dim_v, batch=self.batch, seq_q=self.seq_q,
+            seq_kv=self.seq_kv, mask=self.mask, causal=self.causal, scale=self.scale, dropout_p=self.dropout_p,
+            qkv_layout=self.qkv_layout, projections=tuple(self.projections.items()))
 
     def __hash__(self) -> int:  # projections is a dict; the core nodes identify a site
         return hash((self.name, self.core))

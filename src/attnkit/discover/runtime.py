@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from attnkit.discover.site import SiteRecord
 from attnkit.ops import attention, causal_mask
 
 __all__ = ["AttentionCall", "AttentionInterceptor", "intercept_attention"]
@@ -37,7 +38,8 @@ _REDISPATCH = getattr(torch.overrides, "redispatch_function", None)
 
 @dataclass
 class AttentionCall:
-    """One SDPA call in attnkit's conventions (``mask`` True/additive, causal bottom-right)."""
+    """One SDPA call in attnkit's conventions (``mask`` True/additive, causal bottom-right): the tensors;
+    :meth:`site` gives its :class:`~attnkit.discover.site.SiteRecord`."""
 
     q: torch.Tensor  # (B, Hq, Sq, D)
     k: torch.Tensor  # (B, Hkv, Skv, D)
@@ -58,6 +60,11 @@ class AttentionCall:
                 mask & top_left if mask.dtype == torch.bool else mask.masked_fill(~top_left, float("-inf")))
             causal = False
         return cls(query, key, value, mask, causal, scale, float(dropout_p))
+
+    def site(self, path: str) -> SiteRecord:
+        """The shared site record of this call, made by the module at ``path``."""
+        return SiteRecord.of_call(path, self.q, self.k, self.v, mask=self.mask, causal=self.causal, scale=self.scale,
+                                  dropout_p=self.dropout_p)
 
     def run(self, backend) -> torch.Tensor:
         """Run this call on ``backend``: a name in ``attnkit.ops.BACKENDS`` or a callable like ``attention``."""

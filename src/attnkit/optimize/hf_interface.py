@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from attnkit.discover.site import SiteRecord
 from attnkit.ops import attention, attention_spec, select_backend
 
 __all__ = [
@@ -83,10 +84,19 @@ class InterfaceCall:
     why: str
     """Auto's rule, ``forced: ...``, or why attnkit did not run this call."""
     rejected: dict[str, str]
-    shape: str
-    """``B= Hq= Hkv= Sq= Skv= D= dtype mask= causal=`` of the call."""
-    dropout_p: float = 0.0
-    """The attention-probability dropout the module asked for."""
+    site: SiteRecord
+    """The call's shared site record (``path`` is ``""``: the module's path is looked up from ``module``)."""
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> str:
+        """``B= Hq= Hkv= Sq= Skv= D= dtype mask= causal=`` of the call."""
+        return self.site.describe(self.dtype)
+
+    @property
+    def dropout_p(self) -> float:
+        """The attention-probability dropout the module asked for."""
+        return self.site.dropout_p
 
 
 _RECORDING: contextvars.ContextVar[list[InterfaceCall] | None] = contextvars.ContextVar("attnkit_interface_calls", default=None)
@@ -192,8 +202,8 @@ def _fallback(module, implementation, reason, query, key, value, attention_mask,
 
         name, function = "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"]
     if not torch.compiler.is_compiling() and _RECORDING.get() is not None:
-        shape = _shape(query, key, attention_mask, bool(is_causal))
-        _RECORDING.get().append(InterfaceCall(module, name, name, reason, {}, shape, float(dropout)))
+        site = SiteRecord.of_call("", query, key, value, mask=attention_mask, causal=bool(is_causal), scale=scaling, dropout_p=dropout)
+        _RECORDING.get().append(InterfaceCall(module, name, name, reason, {}, site, query.dtype))
     extra = dict(kwargs)
     if is_causal is not None:
         extra["is_causal"] = is_causal
@@ -215,16 +225,8 @@ def _record(module, query, key, value, mask, causal, scaling, dropout, backend) 
         chosen, why, rejected = choice.chosen, f"auto: {choice.rule}", dict(choice.rejected)
     else:
         chosen, why, rejected = backend, f"forced: backend={backend!r}", {}
-    _RECORDING.get().append(InterfaceCall(module, "attnkit", chosen, why, rejected, _shape(query, key, mask, causal), float(dropout)))
-
-
-def _shape(query, key, mask, causal: bool) -> str:
-    kind = "none" if mask is None else ("bool" if getattr(mask, "dtype", None) == torch.bool else "additive")
-    batch, heads_q, seq_q, head_dim = query.shape
-    return (
-        f"B={batch} Hq={heads_q} Hkv={key.shape[1]} Sq={seq_q} Skv={key.shape[2]} D={head_dim} "
-        f"{str(query.dtype).removeprefix('torch.')} mask={kind} causal={causal}"
-    )
+    site = SiteRecord.of_call("", query, key, value, mask=mask, causal=causal, scale=scaling, dropout_p=dropout)
+    _RECORDING.get().append(InterfaceCall(module, "attnkit", chosen, why, rejected, site, query.dtype))
 
 
 attnkit_attention_forward = functools.partial(_forward, implementation=ATTNKIT)

@@ -12,7 +12,6 @@ Layers with the same call description are grouped into one :class:`AttentionLaye
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from attnkit.discover.attention import find_attention
 from attnkit.discover.capture import capture
 from attnkit.discover.runtime import AttentionCall, intercept_attention
+from attnkit.discover.site import SiteRecord
 from attnkit.errors import CaptureError
 from attnkit.ops import AttentionSpec, attention_spec
 from attnkit.utils.dtypes import parse_dtype
@@ -28,7 +28,7 @@ from attnkit.utils.modules import model_device, model_dtype
 
 __all__ = ["AttentionLayer", "find_layers", "spec_from_json"]
 
-_Found = tuple  # (name, kind, AttentionSpec, blockers, scale) of one recorded call
+_Found = tuple  # (SiteRecord, kind, AttentionSpec, blockers) of one recorded call
 
 
 @dataclass
@@ -56,33 +56,32 @@ def spec_from_json(record: dict) -> AttentionSpec:
     return AttentionSpec(**{**record, "dtype": parse_dtype(record["dtype"])})
 
 
-def _explicit_scale(scale: float | None, head_dim: int) -> float | None:
-    """``scale``, or None when it is the default ``1/sqrt(D)`` (so equal layers group together)."""
-    return None if scale is None or math.isclose(scale * math.sqrt(head_dim), 1.0, rel_tol=1e-6) else float(scale)
-
-
 def _mha_blockers(kwargs: dict) -> list[str]:
     if kwargs.get("need_weights", True):
         return ["need_weights=True (the default): the layer returns attention probabilities, so it computes explicit softmax; pass need_weights=False"]
     return []
 
 
-def _mha_spec(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> AttentionSpec:
+def _mha_found(name: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> _Found:
     query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
     batch_dim = 0 if module.batch_first else 1
     mask = kwargs.get("attn_mask") if kwargs.get("attn_mask") is not None else kwargs.get("key_padding_mask")
-    return AttentionSpec(
+    site = SiteRecord(
+        path=name,
+        kind="unknown",
+        num_heads=module.num_heads,
+        num_kv_heads=module.num_heads,
+        head_dim_qk=module.head_dim,
+        head_dim_v=module.head_dim,
         batch=query.shape[batch_dim] if query.dim() == 3 else 1,
-        heads_q=module.num_heads,
         seq_q=query.shape[-2] if module.batch_first or query.dim() == 2 else query.shape[0],
         seq_kv=key.shape[-2] if module.batch_first or key.dim() == 2 else key.shape[0],
-        head_dim=module.head_dim,
-        device=query.device.type,
-        dtype=query.dtype,
         mask="none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive"),
         causal=bool(kwargs.get("is_causal", False)) and mask is None,
+        scale=None,
         dropout_p=module.dropout if module.training else 0.0,
     )
+    return site, "nn.MultiheadAttention", site.spec(device=query.device.type, dtype=query.dtype), _mha_blockers(kwargs)
 
 
 def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[_Found]:
@@ -93,7 +92,7 @@ def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> li
         def hook(module, args, kwargs):
             stack.append(name)
             if isinstance(module, nn.MultiheadAttention):
-                found.append((name, "nn.MultiheadAttention", _mha_spec(module, args, kwargs), _mha_blockers(kwargs), None))
+                found.append(_mha_found(name, module, args, kwargs))
 
         return hook
 
@@ -102,9 +101,9 @@ def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> li
 
     def on_sdpa(call: AttentionCall, original):
         owner = stack[-1] if stack else "<model>"
-        if not (found and found[-1][0] == owner and found[-1][1] == "nn.MultiheadAttention"):
+        if not (found and found[-1][0].path == owner and found[-1][1] == "nn.MultiheadAttention"):
             spec = attention_spec(call.q, call.k, call.v, mask=call.mask, causal=call.causal, scale=call.scale, dropout_p=call.dropout_p)
-            found.append((owner, "sdpa", spec, [], _explicit_scale(call.scale, spec.head_dim)))
+            found.append((call.site(owner), "sdpa", spec, []))
         return original()
 
     handles = []
@@ -120,7 +119,6 @@ def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> li
     return found
 
 
-_GRAPH_MASKS = {"none": "none", "causal": "none", "padding": "bool", "bool": "bool", "additive": "additive"}
 _EXPLICIT = "written as matmul + softmax: no backend runs it until the layer calls F.scaled_dot_product_attention"
 
 
@@ -130,24 +128,9 @@ def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -
         captured = capture(model, example_inputs, example_kwargs)
     except CaptureError:  # a fallback here: a model torch.export cannot capture just has no graph sites
         return []
-    sites = find_attention(captured)
-    found = []
-    for site in sites:
-        spec = AttentionSpec(
-            batch=site.batch,
-            heads_q=site.num_heads,
-            heads_kv=site.num_kv_heads,
-            seq_q=site.seq_q,
-            seq_kv=site.seq_kv,
-            head_dim=site.head_dim_qk,
-            head_dim_v=site.head_dim_v,
-            device=model_device(model).type,
-            dtype=model_dtype(model),
-            mask=_GRAPH_MASKS.get(site.mask, "additive"),
-            causal=site.causal,
-        )
-        found.append((site.name, "graph", spec, [_EXPLICIT] if site.form != "sdpa" else [], _explicit_scale(site.scale, spec.head_dim)))
-    return found
+    device, dtype = model_device(model).type, model_dtype(model)
+    return [(site.record, "graph", site.record.spec(device=device, dtype=dtype), [_EXPLICIT] if site.form != "sdpa" else [])
+            for site in find_attention(captured)]
 
 
 def find_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> list[AttentionLayer]:
@@ -155,10 +138,10 @@ def find_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict | 
     example_kwargs = example_kwargs or {}
     found = _record(model, example_inputs, example_kwargs) or _from_graph(model, example_inputs, example_kwargs)
     layers: dict[tuple, AttentionLayer] = {}
-    for name, kind, spec, blockers, scale in found:
-        key = (kind, spec, tuple(blockers), scale)
+    for site, kind, spec, blockers in found:
+        key = (kind, spec, tuple(blockers), site.explicit_scale)
         if key in layers:
-            layers[key].names.append(name)
+            layers[key].names.append(site.path)
         else:
-            layers[key] = AttentionLayer([name], kind, spec.to_json(), blockers, scale)
+            layers[key] = AttentionLayer([site.path], kind, spec.to_json(), blockers, site.explicit_scale)
     return list(layers.values())
