@@ -44,26 +44,18 @@ def _heads_to_seq(x: torch.Tensor, group, world_size: int, layout: str) -> torch
     return received.transpose(0, 1).reshape(batch, world_size * heads, seq_local, dim)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """``_seq_to_heads`` or ``_heads_to_seq``; each is the other's adjoint, so the backward is the opposite one."""
+
     @staticmethod
-    def forward(ctx, x, group, world_size, layout):
-        ctx.options = (group, world_size, layout)
-        return _seq_to_heads(x, group, world_size, layout)
+    def forward(ctx, x, to_heads, group, world_size, layout):
+        ctx.options = (not to_heads, group, world_size, layout)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world_size, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, *ctx.options), None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world_size, layout):
-        ctx.options = (group, world_size, layout)
-        return _heads_to_seq(x, group, world_size, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, *ctx.options), None, None, None
+        to_heads, *options = ctx.options
+        return (_seq_to_heads if to_heads else _heads_to_seq)(grad, *options), None, None, None, None
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -108,10 +100,10 @@ def _exchange(q, k, v, group, world_size: int, layout: str, attend):
     if heads_kv % world_size:  # fewer KV heads than ranks: send each rank the one its query heads share
         index = torch.tensor([r * (heads_q // world_size) // (heads_q // heads_kv) for r in range(world_size)], device=k.device)
         k, v = k.index_select(1, index), v.index_select(1, index)  # autograd sums the copies' gradients
-    q_h, k_h, v_h = (_SeqToHeads.apply(x, group, world_size, layout) for x in (q, k, v))
+    q_h, k_h, v_h = (_AllToAll.apply(x, True, group, world_size, layout) for x in (q, k, v))
     out_h, lse_h = attend(q_h, k_h, v_h)
-    out = _HeadsToSeq.apply(out_h, group, world_size, layout)
-    lse = _HeadsToSeq.apply(lse_h.unsqueeze(-1), group, world_size, layout).squeeze(-1)
+    out = _AllToAll.apply(out_h, False, group, world_size, layout)
+    lse = _AllToAll.apply(lse_h.unsqueeze(-1), False, group, world_size, layout).squeeze(-1)
     return out, lse
 
 
