@@ -25,9 +25,6 @@ Writes ``<out>/attention-overhead-<device>-<date>.json`` with ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +37,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 import torch.nn.functional as F
+from _results import header, write
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.ops import attention
@@ -117,10 +115,7 @@ def main() -> None:
     device = torch.device(args.device)
     backends = ["flash", "math"] if device.type == "cpu" else ["cudnn", "flash", "efficient", "math"]
     record = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        **header(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "calls": args.calls,
         "rounds": args.rounds,
         "unit": "us_per_call",
@@ -147,12 +142,7 @@ def main() -> None:
                 record[part]["ratio_auto_vs_sdpa"] = round(ratio, 3)
                 goal = "  (goal <= 1.15)" if part == "cuda" else ""
                 print(f"{part}: attention auto / sdpa direct = {ratio:.3f}{goal}")
-    if args.out is not None:
-        slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
-        path = args.out / f"attention-overhead-{slug}-{datetime.date.today().isoformat()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")
+    write(record, args.out, "attention-overhead")
 
 
 if __name__ == "__main__":

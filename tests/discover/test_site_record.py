@@ -69,3 +69,69 @@ def test_explicit_scale_and_describe():
     assert _record(scale=1.0).explicit_scale == 1.0  # T5: unscaled scores group apart from the default
     assert _record(mask="bool", num_kv_heads=2).describe(torch.bfloat16) == "B=2 Hq=4 Hkv=2 Sq=9 Skv=9 D=16 bfloat16 mask=bool causal=False"
     assert _record().describe() == "B=2 Hq=4 Hkv=4 Sq=9 Skv=9 D=16 mask=none causal=False"
+
+
+class _TorchLayers(nn.Module):
+    """Causal self-attention in an nn.TransformerEncoder (batch first, 4 heads) and an nn.MultiheadAttention
+    cross attention laid out (S, B, E) with its own key and value widths (8 heads)."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.cross = nn.MultiheadAttention(64, 8, kdim=32, vdim=48)
+
+    def forward(self, x, keys, values):
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        h = self.encoder(x, mask=causal, is_causal=True)
+        return self.cross(h.transpose(0, 1), keys, values, need_weights=False)[0]
+
+
+def _module_sites(model, inputs, module_type) -> dict[str, SiteRecord]:
+    """What a forward pre-hook on every ``module_type`` sees, as validate's and optimize's probes record it."""
+    sites = {}
+
+    def probe(path):
+        def hook(module, args, kwargs):
+            sites[path] = SiteRecord.of_module_call(path, module, args, kwargs)
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(probe(path), with_kwargs=True)
+             for path, module in model.named_modules() if isinstance(module, module_type)]  # fmt: skip
+    with torch.no_grad():
+        model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return sites
+
+
+def test_analyze_validate_and_optimize_describe_multihead_attention_alike():
+    """One site per nn.MultiheadAttention, whichever command finds it: analyze's graph pattern, validate's
+    hook on the torch module, and optimize's hook on the attnkit layer its rewrite put there."""
+    import copy
+
+    from attnkit.nn import MultiHeadAttention
+    from attnkit.optimize.config import OptimizeConfig
+    from attnkit.optimize.rewrite import rewrite_modules
+
+    torch.manual_seed(0)
+    model = _TorchLayers().train()  # train mode with dropout 0: torch's fused inference path would skip the hooks
+    inputs = (torch.randn(3, 10, 64), torch.randn(7, 3, 32), torch.randn(7, 3, 48))
+    analyze = {site.record.path: site.record for site in find_attention(capture(model.eval(), inputs))}
+    validate = _module_sites(model.train(), inputs, nn.MultiheadAttention)
+    rewritten, rewrites, _ = rewrite_modules(copy.deepcopy(model), OptimizeConfig())
+    assert sorted(r.path for r in rewrites) == sorted(validate)
+    optimize = _module_sites(rewritten, inputs, MultiHeadAttention)
+
+    paths = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "cross"]
+    assert sorted(analyze) == sorted(validate) == sorted(optimize) == sorted(paths)
+    shared = ("path", "kind", "num_heads", "num_kv_heads", "head_dim_qk", "head_dim_v", "batch", "seq_q", "seq_kv", "explicit_scale")
+    for path in paths:
+        expected = [getattr(analyze[path], f) for f in shared]
+        assert [getattr(validate[path], f) for f in shared] == [getattr(optimize[path], f) for f in shared] == expected, path
+        spec = analyze[path].spec(device="cpu", dtype=torch.float32)  # mask kind and causality as the op sees them
+        assert validate[path].spec(device="cpu", dtype=torch.float32) == optimize[path].spec(device="cpu", dtype=torch.float32) == spec
+    assert [analyze[p].kind for p in paths] == ["self", "self", "cross"] and analyze["cross"].num_heads == 8
+    assert analyze[paths[0]].causal and optimize[paths[0]].causal and optimize[paths[0]].mask == "none"
+    assert validate[paths[0]].qkv_layout == optimize[paths[0]].qkv_layout == analyze[paths[0]].qkv_layout == "packed"

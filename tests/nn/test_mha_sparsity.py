@@ -88,9 +88,7 @@ def test_is_causal_is_anded_with_the_pattern():
 
 def _content_mask(layer, x, config):
     """The dense (B, H, S, S) allowed mask of the layer's content-aware selection."""
-    q, k, _ = layer._project(x, x, x, True)
-    q = q.view(*x.shape[:2], H, -1).transpose(1, 2)
-    k = k.view(*x.shape[:2], HKV, -1).transpose(1, 2)
+    q, k, _ = layer._project(x, x, x, True)  # (B, H, S, D), (B, HKV, S, D)
     selection = select_blocks(q, k, config, scale=layer.config.softmax_scale)
     b = config.block_size
     blocks = selection.blocks.repeat_interleave(b, 2).repeat_interleave(b, 3)[..., : x.shape[1], : x.shape[1]]

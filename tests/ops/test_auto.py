@@ -29,7 +29,11 @@ def test_cuda_order_follows_measurements_and_support():
     spec = AttentionSpec(batch=1, heads_q=16, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16)
     assert select_backend(spec).candidates[:3] == ("cudnn", "flash", "efficient")
     masked = AttentionSpec(batch=1, heads_q=16, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16, mask="bool")
-    assert select_backend(masked).chosen == "efficient"
+    assert select_backend(masked).chosen == "cudnn"  # an additive bias; 2.4x faster than efficient at BERT-512 (optimize run)
+    grad_bias = AttentionSpec(batch=1, heads_q=16, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16, mask="additive", mask_requires_grad=True)
+    assert select_backend(grad_bias).chosen == "efficient"  # cuDNN gives the bias no gradient
+    grouped = AttentionSpec(batch=1, heads_q=16, heads_kv=4, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16)
+    assert select_backend(grouped).candidates[:2] == ("flash", "cudnn")  # flash reads each K/V head once per group
     support = backend_support(AttentionSpec(batch=1, heads_q=4, seq_q=8, head_dim=8, device="cuda"))
     assert support["reference"] is None and "needs dtype float16 or bfloat16, got float32" in support["flash"]
 

@@ -235,3 +235,23 @@ def test_interface_calls_carry_the_site_record_graph_discovery_finds():
         assert [getattr(call.site, f) for f in shared] == [getattr(site, f) for f in shared] == [4, 2, 8, 8, batch, seq, seq, 0.0]
         assert call.shape == f"B={batch} Hq=4 Hkv=2 Sq={seq} Skv={seq} D=8 float32 mask=bool causal=False"
         assert call.site.spec(device="cpu", dtype=torch.float32).heads_kv == 2
+
+
+@pytest.mark.parametrize("positions, checked", [(40, True), (20, False)])
+def test_generate_check_keeps_the_prompt_within_the_position_table(positions, checked):
+    """A prompt as long as the position table (GPT-2 at seq 1024) plus 32 new tokens would index
+    past it: a device-side assert on CUDA. The check cuts the prompt, or says it cannot run."""
+    import transformers
+
+    from optimize_models import _TEXT
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=positions, bos_token_id=0, eos_token_id=0, **_TEXT)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(1, _TEXT["vocab_size"], (2, positions))
+    _, report = optimize(model, (ids,), example_kwargs={"use_cache": False}, config=OptimizeConfig(check_training=False))
+    kinds = {(c.what, c.mode) for c in report.checks}
+    assert (("tokens", "generate 32 greedy") in kinds) == checked, (kinds, report.notes)
+    expected = f"generate() checked on the first {positions - 32} prompt tokens" if checked else "generate() not checked: the model has 20 positions"
+    assert any(note.startswith(expected) for note in report.notes), report.notes
+    assert report.passed

@@ -28,7 +28,7 @@ _MEMORY_KINDS = {"pointwise": "pointwise", "factory": "pointwise", "reduction": 
 _MEASURED = (  # first match wins; names as torch.profiler reports CUDA kernels
     ("attention", re.compile(r"flash|fmha|sdpa|attention|attn", re.I)),
     ("conv", re.compile(r"fprop|dgrad|conv|nchwToNhwc|nhwcToNchw|implicit_gemm", re.I)),
-    ("gemm", re.compile(r"nvjet|gemm|cublas|cutlass|xmma|_mm_|matmul|splitK", re.I)),
+    ("gemm", re.compile(r"nvjet|gemm|cublas|cutlass|xmma|_mm_|matmul|splitK|triton_tem_", re.I)),  # triton_tem_: Inductor GEMM templates
     ("norm", re.compile(r"norm", re.I)),
     ("elementwise", re.compile(r"elementwise|triton_poi|softmax|gelu|activation", re.I)),
 )

@@ -18,6 +18,10 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the example inputs."),
         seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (text models)."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the optimized model (the report says so)."),
+        compile_modes: Optional[list[str]] = typer.Option(
+            None, "--compile-mode", help="torch.compile mode for --compile (default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune); "
+            "repeat it with --select to race several modes. Implies --compile.",
+        ),
         backend: str = typer.Option("auto", "--backend", help="attnkit.ops backend for every rewritten attention."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         check: bool = typer.Option(True, "--check/--no-check", help="Compare outputs and gradients with the original."),
@@ -33,6 +37,11 @@ def register(app: typer.Typer) -> None:
         from attnkit.cli._inputs import check_inputs
 
         check_inputs(models=model, batch=batch, seq=seq, device=device, backend=backend, outputs={"--json": json_path}, output_dirs={"--save": save})
+        from attnkit.errors import check_arg
+        from attnkit.optimize.config import COMPILE_MODES
+
+        for mode in compile_modes or ():
+            check_arg(mode in COMPILE_MODES, "--compile-mode", f"one of {', '.join(COMPILE_MODES)}", mode)
 
         import torch
         from rich.console import Console
@@ -43,7 +52,9 @@ def register(app: typer.Typer) -> None:
         console = Console()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         select = device.startswith("cuda") if select is None else select
-        config = OptimizeConfig(dtype=dtype, backend=backend, compile="default" if compile_model else "none", check=check, select=select)
+        modes = tuple(compile_modes or (("default",) if compile_model else ()))
+        compile_arg = "none" if not modes else modes[0] if len(modes) == 1 and not select else modes
+        config = OptimizeConfig(dtype=dtype, backend=backend, compile=compile_arg, check=check, select=select)
         with console.status(f"building {model} (batch {batch}) on {device}"):
             zoo = build_model(model, batch_size=batch, seq_len=seq, device=device)
         with console.status("rewriting, checking equivalence" + (", timing" if device.startswith("cuda") or select else "")):

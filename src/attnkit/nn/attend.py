@@ -96,6 +96,8 @@ def attend(
     seq_q, seq_kv = q.shape[2], k.shape[2]
     if q.numel() == 0 or seq_kv == 0:
         return _empty_attention(q, k, v, need_weights)
+    if not need_weights and (query_chunk_size is None or query_chunk_size >= seq_q):  # the common call, straight to the op
+        return attention(q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, backend=backend), None
     options = dict(causal=causal, scale=scale, dropout_p=dropout_p, backend=backend, need_weights=need_weights)
     if query_chunk_size is None or query_chunk_size >= seq_q:
         return _attend_once(q, k, v, mask=mask, dropout_mask=dropout_mask, **options)

@@ -40,6 +40,8 @@ class Rule:
     dtypes: tuple[torch.dtype, ...] | None = None
     max_seq: int | None = None
     """Longest of Sq and Skv."""
+    grouped: bool | None = None
+    """True for grouped-query calls (fewer K/V heads than query heads)."""
 
     def matches(self, spec: AttentionSpec) -> bool:
         head_dim = max(spec.head_dim, spec.head_dim_v)
@@ -50,10 +52,20 @@ class Rule:
             and (self.max_head_dim is None or head_dim <= self.max_head_dim)
             and (self.dtypes is None or spec.dtype in self.dtypes)
             and (self.max_seq is None or max(spec.seq_q, spec.seq_kv) <= self.max_seq)
+            and (self.grouped is None or self.grouped == (spec.heads_kv != spec.heads_q))
         )
 
 
 RULES: tuple[Rule, ...] = (
+    Rule(
+        order=("flash", "cudnn", "efficient", "flex", "chunked", "math"),
+        why="grouped-query calls: the flash kernel reads each K/V head once for its whole query group, while "
+        "cuDNN and efficient need K and V repeated to every query head first (2 * Hq/Hkv copies of K/V per call); "
+        "the H100 optimize run had Llama-GQA's rewrite at 0.91x eager with cuDNN + copies "
+        "(benchmarks/results/optimize/optimize-nvidia-h100-80gb-hbm3-2026-11-27.json)",
+        device="cuda",
+        grouped=True,
+    ),
     Rule(
         order=("cudnn", "flash", "efficient", "flex", "chunked", "math"),
         why="measured: H100, torch 2.11, bf16: cuDNN fastest on every shape of the hd64/128, seq 1k-16k grid "
@@ -124,6 +136,8 @@ def select_backend(spec: AttentionSpec, layout: Hashable = None) -> BackendChoic
         #   math: ranked after 'flash'
         #   cudnn: cudnn runs on cuda only, got device 'cpu' ...)
     """
+    if torch.compiler.is_compiling():  # Dynamo traces through an lru_cache (and warns): go to the rule directly
+        return _choose.__wrapped__(spec, layout)
     return _choose(spec, layout)
 
 

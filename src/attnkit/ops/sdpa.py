@@ -1,8 +1,8 @@
 """The `flash`, `efficient` and `cudnn` backends: PyTorch's fused attention kernels, called directly.
 
-Calls go straight to the ATen kernels (each differentiable in C++), not through
-``F.scaled_dot_product_attention`` with one kernel forced, so no process-wide SDPA flag changes
-and calls from several threads or streams don't interfere:
+Every call goes straight to an ATen kernel (each differentiable in C++), never through
+``F.scaled_dot_product_attention`` with one kernel forced, so no process-wide SDPA flag changes and
+calls from several threads or streams don't interfere:
 
 * CPU flash: ``_scaled_dot_product_flash_attention_for_cpu`` (bool masks become additive; GQA native);
 * CUDA without a mask: ``_scaled_dot_product_flash_attention`` (its ``is_causal`` is bottom-right,
@@ -10,22 +10,22 @@ and calls from several threads or streams don't interfere:
   causal) and ``_efficient_attention_forward`` (``custom_mask_type`` 1 = top-left, 2 = bottom-right);
   with ``return_lse`` the ``ops.kernels`` pair inside an ``autograd.Function`` (which also
   backpropagates a gradient of the lse);
-* CUDA with a mask or a dropout mask: still SDPA's dispatcher with the kernel forced
-  (``_sdpa_forced``), which aligns and pads the bias for the kernel. That sets process-wide flags
-  for the duration of the call (restored in ``finally``); it is the one place left that does.
+* CUDA with a mask, or a causal offset the kernel's flag cannot express (``_cuda_biased``): the mask
+  merged with causality as an additive ``attn_bias`` in q's dtype, aligned as SDPA's dispatcher
+  aligns it, into ``_scaled_dot_product_efficient_attention`` or ``_scaled_dot_product_cudnn_attention``
+  (K/V repeated for GQA; flash takes no bias). The efficient kernel backpropagates into the bias
+  (so into a float mask that needs a gradient); cuDNN does not (its support rule says so).
 
-Rows with no allowed key are zeroed afterwards because kernels disagree on them (NaN, zeros or
-uniform). The CPU flash kernel returns zeros for a query row holding NaN where the math path gives
-NaN; ``_nan_rows_like_math`` restores NaN there (measured on CPU with torch 2.13).
+Rows with no allowed key are opened in the bias (a uniform row) and zeroed afterwards, because
+kernels disagree on them (NaN, zeros or uniform). The CPU flash kernel returns zeros for a query row
+holding NaN where the math path gives NaN; ``_nan_rows_like_math`` restores NaN there (measured on
+CPU with torch 2.13).
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, _backend_names, sdpa_kernel
 
 from attnkit.errors import UnsupportedError
 from attnkit.ops import kernels
@@ -50,8 +50,9 @@ _HALF = (torch.float16, torch.bfloat16)
 # Head-dim limits of the CUDA kernels (torch 2.5-2.11); raise them when the benchmark shows more works.
 FLASH_MAX_HEAD_DIM = 256
 CUDNN_MAX_HEAD_DIM = 128
-# How torch says that the forced kernel refused the call (torch 2.5-2.13).
-_REFUSALS = ("No available kernel", "No viable backend")
+# Stride alignment (elements) of an attn_bias for the efficient kernel: SDPA's `preprocess_mask`
+# (aten/src/ATen/native/transformers/attention.cpp, torch 2.5-2.13) pads to it.
+_BIAS_ALIGNMENT = 8
 _aten = torch.ops.aten
 
 
@@ -136,8 +137,8 @@ def cudnn_support(spec: AttentionSpec) -> str | None:
         return f"cudnn needs D == Dv, divisible by 8 and <= {CUDNN_MAX_HEAD_DIM}, got D={spec.head_dim}, Dv={spec.head_dim_v}"
     if spec.dropout_p > 0:
         return "cudnn SDPA dropout is not supported here"
-    if spec.mask != "none":
-        return "cudnn takes no attention mask"
+    if spec.mask_requires_grad:
+        return "cudnn does not backpropagate into the mask (its attn_bias gets no gradient)"
     if spec.need_lse and spec.causal and spec.seq_q != spec.seq_kv and spec.seq_q != 1:
         return "cudnn's lse path aligns causal only for Sq == Skv"
     return _unmasked_causal_reason("cudnn", spec, bottom_right=False, top_left=True)
@@ -151,28 +152,42 @@ def _nan_rows_like_math(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out + (q.sum(dim=-1, keepdim=True, dtype=torch.float32) * 0).to(out.dtype)
 
 
-def _cpu_mask(options: AttentionOptions, seq_q: int, seq_kv: int, dtype: torch.dtype):
-    """``(additive 4-D mask | None, empty rows | None)`` for the CPU flash kernel, built once per mask."""
-    merged = call_mask(options, seq_q, seq_kv, dtype=dtype, device=torch.device("cpu"))
+def _bias(options: AttentionOptions, seq_q: int, seq_kv: int, dtype: torch.dtype, device: torch.device):
+    """``(attn_bias | None, empty rows | None)``: the call's merged mask as an additive 4-D bias in ``dtype``
+    (``-inf`` where a bool mask forbids), its empty rows opened; built once per mask object.
+
+    On CUDA the bias spans every key (``Skv``) with each stride but the last a multiple of
+    ``_BIAS_ALIGNMENT``, as the efficient kernel reads it (a padded tensor sliced back, like SDPA's
+    ``preprocess_mask``; the slice keeps the gradient path to a mask that needs one).
+    """
+    merged = call_mask(options, seq_q, seq_kv, dtype=dtype, device=device)
     if merged is None:
         return None, None
 
     def build():
         empty = empty_rows(merged)
-        additive = merged
+        bias = merged
         if merged.dtype == torch.bool:
-            additive = torch.zeros(merged.shape, dtype=dtype).masked_fill(~merged, float("-inf"))
+            bias = torch.zeros(merged.shape, dtype=dtype, device=device).masked_fill(~merged, float("-inf"))
         if empty is not None:
-            additive = additive.masked_fill(empty, 0.0)  # open empty rows; their output is zeroed below
-        return additive.reshape((1,) * (4 - additive.dim()) + tuple(additive.shape)), empty
+            bias = bias.masked_fill(empty, 0.0)  # open empty rows; their output is zeroed afterwards
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        if device.type == "cuda":
+            bias = _aligned(bias.expand(*bias.shape[:-1], seq_kv))
+        return bias, empty
 
-    if options.mask is not None and options.mask.requires_grad:
-        return build()
-    return per_mask(merged, ("cpu-flash", dtype), build)
+    return per_mask(merged, ("sdpa-bias", dtype), build)  # per_mask rebuilds for a mask needing a gradient
+
+
+def _aligned(bias: torch.Tensor) -> torch.Tensor:
+    if bias.stride(-1) == 1 and all(stride % _BIAS_ALIGNMENT == 0 for stride in bias.stride()[:-1]):
+        return bias
+    size = bias.shape[-1]
+    return F.pad(bias, (0, _BIAS_ALIGNMENT - size % _BIAS_ALIGNMENT))[..., :size]
 
 
 def _cpu_flash(q, k, v, options: AttentionOptions):
-    attn_mask, empty = _cpu_mask(options, q.shape[2], k.shape[2], q.dtype)
+    attn_mask, empty = _bias(options, q.shape[2], k.shape[2], q.dtype, q.device)
     out, _ = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=attn_mask, scale=options.scale)
     out = _nan_rows_like_math(out, q)
     return (out if empty is None else out.masked_fill(empty, 0.0)), None
@@ -232,59 +247,31 @@ def _cuda_unmasked(kernel: str, q, k, v, options: AttentionOptions):
     return t(out), None
 
 
-# ---------------------------------------------------------------- CUDA with a mask: SDPA's dispatcher
+# ---------------------------------------------------------------- CUDA with a mask: an additive bias
 
 
-_FLAGS = tuple(
-    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"), getattr(SDPBackend, member))
-    for name, member in _backend_names.items()
-)
-_ONLY = {kernel: tuple((get, set_, backend == kernel) for get, set_, backend in _FLAGS) for _, _, kernel in _FLAGS}
-
-
-def _sdpa_forced(kernel: SDPBackend, q, k, v, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` with only ``kernel`` enabled (what ``sdpa_kernel(kernel)`` does,
-    through the C setters, only those that differ, restored in ``finally``)."""
+def _cuda_biased(kernel: str, q, k, v, options: AttentionOptions):
+    """The call's mask (and causality at its offset) as an ``attn_bias``; ``is_causal`` stays False."""
+    if kernel == "flash":
+        raise UnsupportedError("flash on CUDA takes no attention mask (and no causal offset but bottom-right)")
+    batch, heads_q, seq_q = q.shape[:3]
+    bias, empty = _bias(options, seq_q, k.shape[2], q.dtype, q.device)
+    k, v = _expand(k, v, heads_q)
     if torch.compiler.is_compiling():
-        with sdpa_kernel(kernel):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    changed = []
-    for get, set_, enabled in _ONLY[kernel]:
-        if get() != enabled:
-            set_(enabled)
-            changed.append((set_, not enabled))
-    try:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    finally:
-        for set_, enabled in changed:
-            set_(enabled)
-
-
-def _cuda_masked(kernel: SDPBackend, q, k, v, options: AttentionOptions):
-    seq_q, seq_kv = q.shape[2], k.shape[2]
-    k, v = _expand(k, v, q.shape[1])
-    attn_mask = call_mask(options, seq_q, seq_kv, dtype=q.dtype, device=q.device)
-    empty = empty_rows(attn_mask)
-    if empty is not None:
-        attn_mask = attn_mask.masked_fill(empty, True if attn_mask.dtype == torch.bool else 0.0)
-
-    def call() -> torch.Tensor:
-        return _sdpa_forced(kernel, q, k, v, attn_mask=attn_mask, dropout_p=options.dropout_p, scale=options.scale)
-
-    try:
-        out = call()
-    except RuntimeError as error:
-        if not any(text in str(error) for text in _REFUSALS):
-            raise  # a real failure (out of memory, a kernel error), not a refusal
-        # torch gives its reasons for refusing a kernel only as warnings: rerun to collect them.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                call()
-            except RuntimeError:
-                pass
-        reasons = "; ".join(text for w in caught if (text := str(w.message).split(" (Triggered")[0].strip(" :"))) or str(error)
-        raise UnsupportedError(f"torch {torch.__version__} has no {kernel.name} kernel for this call: {reasons}") from error
+        # Under Inductor a bias handed to the kernel op expanded over the heads is written out in full
+        # for every layer (B*H*Sq*Skv: 4 of GPT-2's 50 ms at batch 64, seq 1024 on an H200); on
+        # F.scaled_dot_product_attention's own path the broadcast mask stays compact
+        # (benchmarks/results/optimize/optimize-nvidia-h200-2026-11-27.json, profiles). Torch then
+        # picks the masked kernel (cuDNN on Hopper); semantics are the same, empty rows zeroed below.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=options.dropout_p, scale=options.scale)
+        return (out if empty is None else out.masked_fill(empty, 0.0)), None
+    if bias is not None:
+        bias = bias.expand(batch, heads_q, seq_q, k.shape[2])  # broadcast dims keep stride 0
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    if kernel == "cudnn":  # compute_log_sumexp: the backward reads it
+        out = _aten._scaled_dot_product_cudnn_attention(q, k, v, bias, grad, options.dropout_p, False, False, scale=options.scale)[0]
+    else:
+        out = _aten._scaled_dot_product_efficient_attention(q, k, v, bias, grad, options.dropout_p, False, scale=options.scale)[0]
     return (out if empty is None else out.masked_fill(empty, 0.0)), None
 
 
@@ -328,7 +315,7 @@ def _plan(kernel: str):
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as error:
-                raise UnsupportedError(f"the {kernel} kernel refused this call (torch {torch.__version__}): {str(error)[:300]}") from error
+                raise _refused(kernel, error) from error
 
         return run
 
@@ -350,19 +337,23 @@ def _needs_mask(options: AttentionOptions, kernel: str, seq_q: int, seq_kv: int)
     return kernel != "efficient" and not (offset == 0 and seq_q == seq_kv or kernel == "flash" and offset == seq_kv - seq_q)
 
 
-def _run(kernel: str, sdp: SDPBackend, q, k, v, options: AttentionOptions):
-    if q.device.type != "cpu" and (
-        _needs_mask(options, kernel, q.shape[2], k.shape[2]) or (kernel == "efficient" and _offset_not_native(options, q, k))
-    ):
-        return _cuda_masked(sdp, q, k, v, options)
+def _run(kernel: str, q, k, v, options: AttentionOptions):
     try:
-        return _cpu_flash(q, k, v, options) if q.device.type == "cpu" else _cuda_unmasked(kernel, q, k, v, options)
-    except torch.OutOfMemoryError:
+        if q.device.type == "cpu":
+            return _cpu_flash(q, k, v, options)
+        if _needs_mask(options, kernel, q.shape[2], k.shape[2]) or (kernel == "efficient" and _offset_not_native(options, q, k)):
+            return _cuda_biased(kernel, q, k, v, options)
+        return _cuda_unmasked(kernel, q, k, v, options)
+    except (torch.OutOfMemoryError, UnsupportedError):
         raise
     except RuntimeError as error:
-        # A kernel's own constraint check (a layout or alignment the support rule did not foresee):
-        # auto remembers the refusal for this call's layout and runs the next backend.
-        raise UnsupportedError(f"the {kernel} kernel refused this call (torch {torch.__version__}): {str(error)[:300]}") from error
+        raise _refused(kernel, error) from error
+
+
+def _refused(kernel: str, error: RuntimeError) -> UnsupportedError:
+    """A kernel's own constraint check failed (a layout, alignment or size the support rule did not
+    foresee): auto remembers the refusal for this call's layout and runs the next backend."""
+    return UnsupportedError(f"the {kernel} kernel refused this call (torch {torch.__version__}): {str(error)[:300]}")
 
 
 def _offset_not_native(options: AttentionOptions, q, k) -> bool:
@@ -375,12 +366,12 @@ def _offset_not_native(options: AttentionOptions, q, k) -> bool:
 
 def flash_attention(q, k, v, options: AttentionOptions):
     """Shapes as in ``attention()``; returns ``(out, lse | None)``."""
-    return _run("flash", SDPBackend.FLASH_ATTENTION, q, k, v, options)
+    return _run("flash", q, k, v, options)
 
 
 def efficient_attention(q, k, v, options: AttentionOptions):
-    return _run("efficient", SDPBackend.EFFICIENT_ATTENTION, q, k, v, options)
+    return _run("efficient", q, k, v, options)
 
 
 def cudnn_attention(q, k, v, options: AttentionOptions):
-    return _run("cudnn", SDPBackend.CUDNN_ATTENTION, q, k, v, options)
+    return _run("cudnn", q, k, v, options)

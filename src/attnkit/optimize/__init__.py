@@ -8,7 +8,7 @@ Example::
 """
 
 from attnkit.optimize.api import measure_latency, optimize
-from attnkit.optimize.config import PRESETS, OptimizeConfig
+from attnkit.optimize.config import COMPILE_MODES, PRESETS, OptimizeConfig
 from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.fuse import FusedLinear, FusedProjection, FusionGroup, FusionPlan, FusionRefusal, apply_fusion, plan_fusion
 from attnkit.optimize.hf_interface import ATTNKIT, ATTNKIT_EAGER_MASKS, InterfaceCall, attnkit_attention_forward, record_calls, register
@@ -16,13 +16,14 @@ from attnkit.optimize.report import BackendUse, Check, Latency, OptimizationRepo
 from attnkit.optimize.patchify import PatchifyGEMM, is_patchify
 from attnkit.optimize.rewrite import Rewrite, Skip, rewrite_modules
 from attnkit.optimize.save import load_optimized, save_optimized
-from attnkit.optimize.select import Candidate, Selection, pick, select_variant
+from attnkit.optimize.select import MIN_GAIN, Candidate, Selection, build_variants, pick, select_variant, variant_name
 
 __all__ = [
     # the entry point and its options
     "optimize",
     "OptimizeConfig",
     "PRESETS",
+    "COMPILE_MODES",
     # saving and reloading
     "save_optimized",
     "load_optimized",
@@ -43,6 +44,9 @@ __all__ = [
     "is_patchify",
     "select_variant",
     "pick",
+    "build_variants",
+    "variant_name",
+    "MIN_GAIN",
     # projection fusion
     "plan_fusion",
     "apply_fusion",

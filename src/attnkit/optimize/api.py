@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.discover import SiteRecord
 from attnkit.errors import check_arg, check_type
 from attnkit.nn import MultiHeadAttention
-from attnkit.ops import BACKENDS, AttentionSpec, select_backend
+from attnkit.ops import BACKENDS, select_backend
 from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.fuse import apply_fusion, plan_fusion
@@ -193,15 +194,23 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
+def _compiled_mode(variant: str) -> str:
+    """``"rewrite+compile:max-autotune" -> "max-autotune"``, ``"compile" -> "default"``, ``"rewrite" -> "none"``."""
+    if "compile" not in variant:
+        return "none"
+    return variant.partition(":")[2] or "default"
+
+
 def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> nn.Module:
     """The fastest of the original and the rewritten model (eager, and compiled if allowed), timed; recorded in ``report``."""
     a, k = cast_floating(args, config.dtype), cast_floating(kwargs, config.dtype)
     chosen, selection = select_variant(
         _in_dtype(reference, config.dtype), optimized, lambda module: module(*a, **k), rewrite_passed=report.passed,
-        compile_mode=config.compile, warmup=config.warmup, repeats=config.repeats, device=model_device(optimized),
+        compile_modes=() if config.compile == "none" else config.compile if isinstance(config.compile, tuple) else (config.compile,),
+        rounds=config.rounds, warmup=config.warmup, repeats=config.repeats, device=model_device(optimized),
     )  # fmt: skip
     report.selection = selection
-    report.compiled = config.compile if selection.picked.endswith("compile") else "none"
+    report.compiled = _compiled_mode(selection.picked)
     report.notes.append(selection.summary)
     timed = {c.name: c for c in selection.candidates}
     if timed["eager"].median_ms is not None and timed[selection.picked].median_ms is not None:
@@ -240,16 +249,10 @@ def _mha_probe(path: str, uses: list[BackendUse]):
     def hook(module: MultiHeadAttention, args: tuple, kwargs: dict) -> None:
         cfg = module.config
         query = args[0] if args else kwargs["query"]
-        key = args[1] if len(args) > 1 else kwargs.get("key", query)
         if query.dim() != 3:
             return
-        batch_dim, seq_dim = (0, 1) if cfg.batch_first else (1, 0)
-        masked = any(kwargs.get(name) is not None for name in ("attn_mask", "key_padding_mask")) or len(args) > 3 and args[3] is not None
-        spec = AttentionSpec(
-            batch=query.shape[batch_dim], heads_q=cfg.num_heads, heads_kv=cfg.num_kv_heads, seq_q=query.shape[seq_dim],
-            seq_kv=key.shape[seq_dim], head_dim=cfg.head_dim, head_dim_v=cfg.v_head_dim, device=query.device.type,
-            dtype=query.dtype, mask="bool" if masked else "none", causal=bool(kwargs.get("is_causal", False)),
-        )  # fmt: skip
+        site = SiteRecord.of_module_call(path, module, args, kwargs)  # the one description analyze and validate give too
+        spec = site.spec(device=query.device.type, dtype=query.dtype)
         need_weights = args[4] if len(args) > 4 else kwargs.get("need_weights", True)
         if need_weights:
             backend, why, rejected = "math", "need_weights=True: weights come from the explicit path (pass need_weights=False)", {}
@@ -258,8 +261,7 @@ def _mha_probe(path: str, uses: list[BackendUse]):
             backend, why, rejected = choice.chosen, f"auto: {choice.rule}", dict(choice.rejected)
         else:
             backend, why, rejected = cfg.backend, f"forced: backend={cfg.backend!r}", {}
-        shape = f"B={spec.batch} Hq={spec.heads_q} Hkv={spec.heads_kv} Sq={spec.seq_q} Skv={spec.seq_kv} D={spec.head_dim} {str(spec.dtype).removeprefix('torch.')} mask={spec.mask} causal={spec.causal}"
-        uses.append(BackendUse(path, backend, why, rejected, shape))
+        uses.append(BackendUse(path, backend, why, rejected, site.describe(query.dtype)))
 
     return hook
 

@@ -9,9 +9,10 @@ import torch
 from attnkit.errors import check_arg, check_type
 from attnkit.utils.dtypes import parse_dtype
 
-__all__ = ["OptimizeConfig", "PRESETS"]
+__all__ = ["OptimizeConfig", "PRESETS", "COMPILE_MODES"]
 
-_COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+"""``torch.compile`` modes ``compile`` accepts ("default" = ``mode=None``)."""
 _HF_MASKS = ("sdpa", "keep")
 
 
@@ -42,14 +43,15 @@ class OptimizeConfig:
     rows that may see no key at all (queries at padded positions of a causal model) then
     give zeros instead of eager's average of the values, so only use it when those outputs are
     ignored (they are padding)."""
-    compile: str = "none"
-    """``torch.compile`` the optimized model: ``"none"``, ``"default"``, ``"max-autotune-no-cudagraphs"``,
-    ``"reduce-overhead"``."""
+    compile: str | tuple[str, ...] = "none"
+    """``torch.compile`` the optimized model: ``"none"`` or one of ``COMPILE_MODES``. With ``select``, a
+    tuple of modes: each is a candidate (``("default", "max-autotune")``)."""
     select: bool = False
-    """Time the variants on the example inputs and return the fastest that passed the equivalence
-    checks: the original, the rewritten model and, unless ``compile == "none"``, both compiled with
-    that mode (inference; ``warmup`` + ``repeats`` calls, medians, CUDA events on a GPU). Returns the
-    original (cast to ``dtype``) when nothing beats it; the report lists every candidate and the pick."""
+    """Race the variants on the example inputs and return the fastest that passed the equivalence
+    checks: the original, the rewritten model and both compiled with each ``compile`` mode
+    (inference; ``rounds`` interleaved rounds of ``warmup`` + ``repeats`` calls, CUDA events on a
+    GPU). A variant wins only if faster than the original in every round by >= 2% (median paired
+    ratio); otherwise the original (cast to ``dtype``) is returned. The report lists every candidate."""
     inplace: bool = False
     """Rewrite the given model itself instead of a deep copy."""
     check: bool = True
@@ -65,6 +67,8 @@ class OptimizeConfig:
     """Time original vs optimized forward on CUDA (skipped on CPU)."""
     warmup: int = 3
     repeats: int = 10
+    rounds: int = 5
+    """Interleaved timing rounds of ``select`` (each: ``warmup`` + ``repeats`` calls per variant)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,7 +77,13 @@ class OptimizeConfig:
         for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "patchify_gemm", "select", "inplace", "check", "check_training", "measure"):
             check_type(getattr(self, name), bool, name)
         check_arg(self.hf_masks in _HF_MASKS, "hf_masks", f"one of {_HF_MASKS}", self.hf_masks)
-        check_arg(self.compile in _COMPILE_MODES, "compile", f"one of {_COMPILE_MODES}", self.compile)
+        modes = self.compile if isinstance(self.compile, tuple) else (self.compile,)
+        check_arg(
+            bool(modes) and all(m in COMPILE_MODES for m in modes) or self.compile == "none",
+            "compile", f'"none", one of {COMPILE_MODES}, or (with select=True) a tuple of them', self.compile,
+        )  # fmt: skip
+        check_arg(not isinstance(self.compile, tuple) or self.select, "compile", "one mode (a tuple of modes needs select=True)", self.compile)
+        check_arg(isinstance(self.rounds, int) and self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
         check_arg(self.fp32_rtol > 0, "fp32_rtol", "a float > 0", self.fp32_rtol)
         check_arg(self.dtype_factor >= 1, "dtype_factor", "a float >= 1", self.dtype_factor)
         check_arg(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "an int >= 0", self.warmup)
@@ -95,8 +105,9 @@ PRESETS: dict[str, OptimizeConfig] = {
     "default": OptimizeConfig(),
     # bf16 + torch.compile: the "rewrite+compile" column of benchmarks/optimize/run.py.
     "fast": OptimizeConfig(dtype=torch.bfloat16, compile="default"),
-    # bf16; the fastest of original / rewritten, eager / compiled, timed on the example inputs.
-    "best": OptimizeConfig(dtype=torch.bfloat16, compile="default", select=True),
+    # bf16; the fastest of original / rewritten, eager / compiled (default mode, and CUDA graphs for
+    # launch-bound calls), raced on the example inputs.
+    "best": OptimizeConfig(dtype=torch.bfloat16, compile=("default", "reduce-overhead"), select=True),
     # Only rewrite (no copies for checking, no timing): for large models and for scripts.
     "rewrite-only": OptimizeConfig(check=False, measure=False),
 }

@@ -147,8 +147,32 @@ def _generate(model: nn.Module, inputs: dict, seed: int) -> torch.Tensor:
         return GenerationMixin.generate(model, **inputs, generation_config=config)
 
 
+def _positions(model: nn.Module) -> int | None:
+    """How many positions the model can embed (learned position tables end there), if it says."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return next((n for n in (getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")) if isinstance(n, int)), None)
+
+
+def _fit_prompt(model: nn.Module, inputs: dict, notes: list[str]) -> dict | None:
+    """The prompt cut so that it and the new tokens fit the model's positions (past them GPT-2's
+    position lookup reads out of bounds: an error on CPU, a device-side assert that ends the
+    process on CUDA); None when not even one prompt token fits."""
+    ids, limit = inputs.get("input_ids"), _positions(model)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or limit is None or ids.shape[1] + _NEW_TOKENS <= limit:
+        return inputs
+    keep = limit - _NEW_TOKENS
+    if keep < 1:
+        notes.append(f"generate() not checked: the model has {limit} positions, fewer than {_NEW_TOKENS} new tokens need")
+        return None
+    notes.append(f"generate() checked on the first {keep} prompt tokens: the model has {limit} positions")
+    return {k: v[:, :keep] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape else v for k, v in inputs.items()}
+
+
 def _generate_check(original: nn.Module, optimized: nn.Module, named: dict, seed: int, notes: list[str]) -> list[Check]:
     inputs = {k: v for k, v in named.items() if k not in _NOT_FOR_GENERATE and not k.startswith("output_")}
+    inputs = _fit_prompt(original, inputs, notes)
+    if inputs is None:
+        return []
     mode = f"generate {_NEW_TOKENS} greedy"
     rule = "token ids identical"
     try:

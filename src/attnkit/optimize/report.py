@@ -150,12 +150,11 @@ class OptimizationReport:
             )
         if self.selection is not None:
             table = Table(title=f"select ({self.selection.clock}): {self.selection.summary}", title_justify="left")
-            for column in ("variant", "median ms", "vs eager", "eligible", "note"):
+            for column in ("variant", "median ms", "vs eager (paired rounds)", "eligible", "note"):
                 table.add_column(column)
-            eager_ms = next((c.median_ms for c in self.selection.candidates if c.name == "eager"), None)
             for c in self.selection.candidates:
                 ms = "-" if c.median_ms is None else f"{c.median_ms:.3f}"
-                ratio = f"{eager_ms / c.median_ms:.2f}x" if c.median_ms and eager_ms else "-"
+                ratio = "-" if c.speedup is None or c.name == "eager" else f"{c.speedup:.2f}x ({c.low:.2f}-{c.high:.2f}, {c.wins}/{c.rounds} faster)"
                 name = f"[bold]{c.name}[/bold]" if c.name == self.selection.picked else c.name
                 table.add_row(name, ms, ratio, "yes" if c.eligible else "no", c.note)
             parts.append(table)

@@ -1,12 +1,16 @@
-"""`select`: time the variants of a model on its example inputs and keep the fastest that is proven equivalent.
+"""`select`: race the variants of a model on its example inputs and keep the fastest proven one, with a confidence.
 
-Candidates, named as in ``benchmarks/optimize/run.py``: ``eager`` (the original), ``rewrite`` (the
-rewritten model) and, when compiling is allowed, ``compile`` and ``rewrite+compile``. Each runs
-inference on the example inputs: one untimed first call (compilation), ``warmup`` more, then
-``repeats`` timed calls (CUDA events on a GPU, wall clock elsewhere); the median decides. Only
-candidates that passed the equivalence checks may win (compiled ones inherit the check of the
-model they compile), and the original is always a candidate, so the pick is never slower than
-the original on the measured inputs.
+Candidates: ``eager`` (the original), ``rewrite`` (the rewritten model) and, for each allowed
+``torch.compile`` mode, both compiled: ``compile`` / ``rewrite+compile`` for the default mode,
+``compile:<mode>`` / ``rewrite+compile:<mode>`` for the others (names shared with
+``benchmarks/optimize/run.py``). Each runs inference on the example inputs: one untimed first call
+(compilation), then :func:`attnkit.bench.race` rounds (every variant once per round, interleaved,
+paired ratio to ``eager`` per round).
+
+The rule (:func:`pick`): a variant wins only if it passed the equivalence checks (compiled ones
+inherit the check of the model they compile), ran faster than the original in **every** round
+and its median paired ratio is at least ``1 + min_gain``; among such variants the highest median
+ratio wins. Otherwise the original is kept: a gain inside the noise is no gain.
 """
 
 from __future__ import annotations
@@ -17,20 +21,39 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["Candidate", "Selection", "pick", "select_variant"]
+from attnkit.bench.race import Entry, race
+
+__all__ = ["Candidate", "Selection", "MIN_GAIN", "pick", "select_variant", "variant_name", "build_variants"]
+
+MIN_GAIN = 0.02
+"""Smallest median speed-up (2%) for which a variant replaces the original."""
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One variant, its measured latency and whether it may be picked."""
+    """One variant, its raced latency against the original and whether it may be picked."""
 
     name: str
-    """``"eager"`` (the original), ``"compile"``, ``"rewrite"`` or ``"rewrite+compile"``."""
+    """``"eager"`` (the original), ``"rewrite"``, ``"compile"``, ``"rewrite+compile"``, ``"compile:<mode>"``..."""
     median_ms: float | None
-    """Median latency; None when it could not run (``note`` says why)."""
+    """Median of the per-round median latencies; None when it could not run (``note`` says why)."""
     eligible: bool
-    """Passed the equivalence checks (the original and its compiled form always do)."""
+    """Passed the equivalence checks (the original and its compiled forms always do)."""
     note: str = ""
+    speedup: float | None = None
+    """Median over rounds of ``eager_ms / this_ms`` measured in the same round."""
+    wins: int = 0
+    """Rounds in which it ran faster than the original."""
+    rounds: int = 0
+    low: float | None = None
+    """Smallest and largest per-round ratio."""
+    high: float | None = None
+
+    @classmethod
+    def from_entry(cls, entry: Entry, eligible: bool) -> "Candidate":
+        note = entry.error and f"failed: {entry.error}" or ("" if eligible else "failed the equivalence checks")
+        return cls(entry.name, entry.median_ms, eligible, note, entry.speedup, entry.wins, len(entry.ratios),
+                   min(entry.ratios, default=None), max(entry.ratios, default=None))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,18 +63,40 @@ class Selection:
     candidates: list[Candidate]
     picked: str
     summary: str
-    """One line, e.g. ``"picked rewrite+compile: 1.22x eager"``."""
+    """One line, e.g. ``"picked rewrite+compile: 1.22x eager (median of 5 paired rounds, 1.19-1.25x)"``."""
     clock: str
 
 
-def pick(candidates: list[Candidate]) -> tuple[str, str]:
-    """``(name, summary)`` of the fastest eligible candidate; ``"eager"`` wins ties and when nothing ran faster."""
-    eager = next(c for c in candidates if c.name == "eager")
-    timed = [c for c in candidates if c.eligible and c.median_ms is not None]
-    best = min(timed, key=lambda c: (c.median_ms, c.name != "eager"), default=eager)
-    if best.name == "eager" or eager.median_ms is None:
-        return "eager", "nothing beat the original: returned it unchanged"
-    return best.name, f"picked {best.name}: {eager.median_ms / best.median_ms:.2f}x eager"
+def pick(candidates: list[Candidate], min_gain: float = MIN_GAIN) -> tuple[str, str]:
+    """``(name, summary)``: the proven variant with the highest median ratio among those faster than the
+    original in every round by at least ``min_gain``; ``"eager"`` when there is none."""
+    proven = [c for c in candidates if c.name != "eager" and c.eligible and c.speedup is not None]
+    winners = [c for c in proven if c.rounds and c.wins == c.rounds and c.speedup >= 1 + min_gain]
+    if not winners:
+        closest = max(proven, key=lambda c: c.speedup, default=None)
+        hint = f" (closest: {closest.name} {closest.speedup:.2f}x, faster in {closest.wins}/{closest.rounds} rounds)" if closest else ""
+        return "eager", f"kept the original: no proven variant was faster in every round by >= {min_gain:.0%}{hint}"
+    best = max(winners, key=lambda c: c.speedup)
+    return best.name, f"picked {best.name}: {best.speedup:.2f}x eager (median of {best.rounds} paired rounds, {best.low:.2f}-{best.high:.2f}x)"
+
+
+def variant_name(rewritten: bool, mode: str | None) -> str:
+    """``(False, None) -> "eager"``, ``(True, "default") -> "rewrite+compile"``, ``(False, "max-autotune") -> "compile:max-autotune"``."""
+    base = "rewrite" if rewritten else "eager"
+    if mode is None:
+        return base
+    compiled = "rewrite+compile" if rewritten else "compile"
+    return compiled if mode == "default" else f"{compiled}:{mode}"
+
+
+def build_variants(original: nn.Module, rewritten: nn.Module, compile_modes: tuple[str, ...], rewrite_passed: bool) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module, eligible): both models eager, then both compiled with each mode (static shapes)."""
+    variants = {"eager": (original, True), "rewrite": (rewritten, rewrite_passed)}
+    for mode in compile_modes:
+        for is_rewrite, module in ((False, original), (True, rewritten)):
+            compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
+            variants[variant_name(is_rewrite, mode)] = (compiled, rewrite_passed or not is_rewrite)
+    return variants
 
 
 def select_variant(
@@ -60,37 +105,36 @@ def select_variant(
     run: Callable[[nn.Module], Any],
     *,
     rewrite_passed: bool,
-    compile_mode: str,
+    compile_modes: tuple[str, ...],
+    rounds: int,
     warmup: int,
     repeats: int,
     device: torch.device,
 ) -> tuple[nn.Module, Selection]:
-    """Time the candidates with ``run(module)`` (one inference call) and return ``(fastest module, selection)``.
-
-    ``compile_mode`` is ``"none"`` (eager candidates only) or a ``torch.compile`` mode.
-    """
-    from attnkit.bench import time_fn
-
-    variants = {"eager": (original, True), "rewrite": (rewritten, rewrite_passed)}
-    if compile_mode != "none":
-        mode = None if compile_mode == "default" else compile_mode
-        variants["compile"] = (torch.compile(original, mode=mode), True)
-        variants["rewrite+compile"] = (torch.compile(rewritten, mode=mode), rewrite_passed)
-    candidates, clock = [], ""
+    """Race the candidates with ``run(module)`` (one inference call) and return ``(picked module, selection)``."""
+    variants = build_variants(original, rewritten, compile_modes, rewrite_passed)
     modes = [(module, module.training) for module in (original, rewritten)]
-    for name, (module, eligible) in variants.items():
+    for module in (original, rewritten):
         module.eval()
-        try:
-            with torch.inference_mode():
-                run(module)  # first call: compilation
-                timing = time_fn(lambda: run(module), warmup=warmup, repeats=repeats, device=device)
-        except Exception as error:  # noqa: BLE001 - a variant that cannot run only loses the race
-            candidates.append(Candidate(name, None, eligible, f"failed: {type(error).__name__}: {str(error)[:200]}"))
-            continue
-        clock = timing.clock
-        note = "" if eligible else "failed the equivalence checks"
-        candidates.append(Candidate(name, timing.median_ms, eligible, note))
-    for module, training in modes:
-        module.train(training)
+    ready, failed = {}, {}
+    try:
+        with torch.inference_mode():
+            for name, (module, _) in variants.items():
+                try:
+                    run(module)  # first call: compilation
+                    ready[name] = lambda module=module: run(module)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - a variant that cannot run only loses the race
+                    if name == "eager":
+                        raise
+                    failed[name] = Entry(name, error=f"{type(error).__name__}: {str(error)[:200]}")
+            entries = race(ready, baseline="eager", rounds=rounds, repeats=repeats, warmup=warmup, device=device)
+    finally:
+        for module, training in modes:
+            module.train(training)
+    entries.update(failed)
+    candidates = [Candidate.from_entry(entries[name], eligible) for name, (_, eligible) in variants.items()]
     name, summary = pick(candidates)
+    clock = "cuda-events" if torch.device(device).type == "cuda" else "cpu-wall"
     return variants[name][0], Selection(candidates, name, summary, clock)

@@ -2,7 +2,7 @@
 
 Each of ``W`` steps, every rank attends its queries to the K/V block it holds, starts sending that
 block to the next rank and receives the previous rank's; after ``W`` steps every query has seen
-every key. Partial outputs merge through their log-sum-exp in float32 (``ops.lse.merge_partials``)
+every key. Partial outputs merge through their log-sum-exp in float32 (``merge_partials`` here: ``ops.lse.merge_partials`` in place)
 and are cast once at the end. Backward passes K/V around the ring again, together with float32
 dK/dV accumulators that arrive back at their owners after the last step; dQ accumulates in float32.
 
@@ -18,6 +18,15 @@ so with zigzag every rank computes the same amount at every step after the first
 window or packed documents split each step into chunk pairs masked on global positions, and pairs
 the mask empties are skipped (``parallel.schedule``).
 
+Per step (what ring-flash-attention does too): the next K/V block's transfer is started before the
+current block's kernel is queued, in forward and backward; backward also passes the float32 dK/dV
+accumulators on, started right after the step's gradients are added and waited for one step later,
+so both transfers run while the next block computes. Nothing waits on the host: ``RingComm.wait``
+makes the compute stream wait for NCCL's. An unmasked zigzag step is one attention kernel; the
+partial result is merged into the float32 accumulators in place (``merge_partials`` below: two
+full-size kernels, no full-size temporaries), and the query-side row slices that a step needs dense
+(half of q, grad_out, out, lse) are copied once per call, not once per step.
+
 Precision: partial outputs, dq and the travelling dK/dV accumulators are float32 (float64 for
 float64 inputs) and each block's share comes back from the plain (CPU) path in that dtype
 (``accumulate=True``), so nothing is rounded to bf16 before the final cast. The CUDA kernels write
@@ -32,7 +41,6 @@ import torch.distributed as dist
 
 from attnkit.errors import UnsupportedError, check_arg, check_type
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
-from attnkit.ops.lse import merge_partials
 from attnkit.parallel.checks import check_shards
 from attnkit.parallel.comm import RingComm, all_gather_stacked
 from attnkit.parallel.layout import unshard
@@ -47,24 +55,64 @@ def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
     return x[:, :, rows].contiguous()
 
 
+class _FixedRows:
+    """Dense row slices of tensors that stay put for a whole ring pass (q, grad_out, out, lse),
+    each copied at most once per call instead of once per step."""
+
+    def __init__(self, **tensors: torch.Tensor | None):
+        self._tensors = tensors
+        self._dense: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, name: str, rows: slice) -> torch.Tensor | None:
+        tensor = self._tensors[name]
+        if tensor is None:
+            return None
+        key = (name, rows.start, rows.stop, rows.step)  # slices are unhashable before Python 3.12
+        if key not in self._dense:
+            self._dense[key] = _rows(tensor, rows)
+        return self._dense[key]
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the partial ``(part, part_lse)`` into the accumulators ``(out, lse)`` in place; returns them.
+
+    The result of ``ops.lse.merge_partials(out, lse, part, part_lse)`` (same arguments, same
+    numbers to rounding), written into ``out (..., S, Dv)`` and ``lse (..., S)`` (float32, float64
+    for float64 inputs; views of the ring's accumulators) with two full-size kernels and no
+    full-size temporary::
+
+        new = logaddexp(lse, part_lse);   out = out * exp(lse - new) + part * exp(part_lse - new)
+
+    A row empty in both (``-inf`` twice: masked blocks only) gets weights NaN -> 0 and stays
+    zeros with ``lse = -inf``. ``part`` may be bf16: ``addcmul_`` reads it in ``out``'s dtype.
+    """
+    new = torch.logaddexp(lse, part_lse.to(lse.dtype))
+    keep = torch.exp(lse - new).nan_to_num_(nan=0.0).unsqueeze(-1)
+    take = torch.exp(part_lse - new).nan_to_num_(nan=0.0).unsqueeze(-1)
+    out.mul_(keep).addcmul_(part, take)
+    lse.copy_(new)
+    return out, lse
+
+
 def _ring_forward(q, k, v, comm: RingComm, schedule: list[list[Piece]], scale: float):
     """Returns ``out (B, Hq, S_local, Dv)`` and ``lse (B, Hq, S_local)``, float32 (float64 for float64 inputs)."""
     world_size = comm.world_size
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    fixed = _FixedRows(q=q)
     for step in range(world_size):
-        if step + 1 < world_size:
+        if step + 1 < world_size:  # the next block travels while this one computes
             next_k, next_v = comm.send_recv(k), comm.send_recv(v)
             comm.commit()
         for piece in schedule[step]:
             part, part_lse = forward_with_lse(
-                _rows(q, piece.rows), _rows(k, piece.keys), _rows(v, piece.keys), causal=piece.causal, scale=scale, mask=piece.mask, accumulate=True
+                fixed("q", piece.rows), _rows(k, piece.keys), _rows(v, piece.keys), causal=piece.causal, scale=scale, mask=piece.mask, accumulate=True
             )
-            merged, merged_lse = merge_partials(out[:, :, piece.rows], lse[:, :, piece.rows], part, part_lse)
-            out[:, :, piece.rows], lse[:, :, piece.rows] = merged, merged_lse
+            # In place (views of the accumulators); assigning a view to itself copies nothing.
+            out[:, :, piece.rows], lse[:, :, piece.rows] = merge_partials(out[:, :, piece.rows], lse[:, :, piece.rows], part, part_lse)
         if step + 1 < world_size:
-            comm.wait()
+            comm.wait()  # the compute stream waits for the transfer; the host does not
             k, v = next_k, next_v
     return out, lse
 
@@ -77,25 +125,26 @@ def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, schedule: list[
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+    fixed = _FixedRows(grad_out=grad_out, q=q, out=out, lse=lse, grad_lse=grad_lse)
     for step in range(world_size):
-        if step + 1 < world_size:
+        if step + 1 < world_size:  # the next block travels while this one computes
             next_k, next_v = kv_comm.send_recv(k), kv_comm.send_recv(v)
             kv_comm.commit()
         parts = [
             backward_from_lse(
-                _rows(grad_out, p.rows), _rows(q, p.rows), _rows(k, p.keys), _rows(v, p.keys), _rows(out, p.rows), _rows(lse, p.rows),
-                causal=p.causal, scale=scale, grad_lse=None if grad_lse is None else _rows(grad_lse, p.rows), mask=p.mask, accumulate=True,
+                fixed("grad_out", p.rows), fixed("q", p.rows), _rows(k, p.keys), _rows(v, p.keys), fixed("out", p.rows), fixed("lse", p.rows),
+                causal=p.causal, scale=scale, grad_lse=fixed("grad_lse", p.rows), mask=p.mask, accumulate=True,
             )
             for p in schedule[step]
         ]  # fmt: skip
-        if step > 0:  # the accumulators of the K/V block now held, from the previous rank
+        if step > 0:  # the accumulators of the K/V block now held, sent by the previous rank last step
             grad_comm.wait()
             grad_k, grad_v = next_grad_k, next_grad_v
         for piece, (dq, dk, dv) in zip(schedule[step], parts):
             grad_q[:, :, piece.rows] += dq
             grad_k[:, :, piece.keys] += dk
             grad_v[:, :, piece.keys] += dv
-        if world_size > 1:  # pass them on with the block; after the last step they are home
+        if world_size > 1:  # pass them on with the block (they travel during the next step); after the last step they are home
             next_grad_k, next_grad_v = grad_comm.send_recv(grad_k), grad_comm.send_recv(grad_v)
             grad_comm.commit()
         if step + 1 < world_size:

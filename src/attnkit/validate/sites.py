@@ -63,24 +63,8 @@ def _mha_blockers(kwargs: dict) -> list[str]:
 
 
 def _mha_found(name: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> _Found:
-    query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
-    batch_dim = 0 if module.batch_first else 1
-    mask = kwargs.get("attn_mask") if kwargs.get("attn_mask") is not None else kwargs.get("key_padding_mask")
-    site = SiteRecord(
-        path=name,
-        kind="unknown",
-        num_heads=module.num_heads,
-        num_kv_heads=module.num_heads,
-        head_dim_qk=module.head_dim,
-        head_dim_v=module.head_dim,
-        batch=query.shape[batch_dim] if query.dim() == 3 else 1,
-        seq_q=query.shape[-2] if module.batch_first or query.dim() == 2 else query.shape[0],
-        seq_kv=key.shape[-2] if module.batch_first or key.dim() == 2 else key.shape[0],
-        mask="none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive"),
-        causal=bool(kwargs.get("is_causal", False)) and mask is None,
-        scale=None,
-        dropout_p=module.dropout if module.training else 0.0,
-    )
+    site = SiteRecord.of_module_call(name, module, args, kwargs)
+    query = args[0] if args else kwargs["query"]
     return site, "nn.MultiheadAttention", site.spec(device=query.device.type, dtype=query.dtype), _mha_blockers(kwargs)
 
 
