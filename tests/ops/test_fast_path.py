@@ -291,6 +291,10 @@ def test_mask_that_allows_everything_runs_as_unmasked():
     blocked[0, 0, 3, 5] = True  # in-place edit: the cached verdict is rebuilt (version counter)
     assert op._allows_everything(blocked)
     assert not op._allows_everything(torch.zeros(1, 1, 2, 2, requires_grad=True))  # a learned bias stays
+    with torch.inference_mode():  # no version counter, no cache: not checked (a sync per call), still exact
+        inference_mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+        assert not op._allows_everything(inference_mask)
+        torch.testing.assert_close(attention(q, k, v, mask=inference_mask), unmasked, rtol=1e-12, atol=1e-12)
 
 
 def test_masks_made_in_inference_mode_work():

@@ -255,3 +255,26 @@ def test_generate_check_keeps_the_prompt_within_the_position_table(positions, ch
     expected = f"generate() checked on the first {positions - 32} prompt tokens" if checked else "generate() not checked: the model has 20 positions"
     assert any(note.startswith(expected) for note in report.notes), report.notes
     assert report.passed
+
+
+def test_interface_prepares_each_forward_mask_once_and_drops_one_that_permits_everything(monkeypatch):
+    """transformers hands one mask per forward to every layer: cast and checked once (one device sync),
+    also in inference mode; an all-permitting mask runs unmasked (exact), a padding mask is kept."""
+    conversions = []
+    real = hf_interface._in_dtype
+    monkeypatch.setattr(hf_interface, "_in_dtype", lambda mask, dtype: conversions.append(id(mask)) or real(mask, dtype))
+    model, args, kwargs = build("bert", impl="eager")  # eager masks: a dense additive fp32 mask reaches every layer
+    optimized, report = optimize(model, args, example_kwargs=kwargs, config=OptimizeConfig(check=False))
+    assert model.config.num_hidden_layers == 2
+    with torch.inference_mode():  # a padded batch: transformers' dense fp32 mask reaches both layers
+        expected = model(*args, **kwargs).last_hidden_state
+        conversions.clear()
+        got = optimized(*args, **kwargs).last_hidden_state
+    assert len(conversions) == 1, conversions  # once per forward, not once per layer
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert hf_interface._prepared_mask(torch.zeros(2, 1, 3, 3), torch.float32) is None  # permits everything
+    blocked = torch.zeros(2, 1, 3, 3)
+    blocked[0, 0, 1, 2] = torch.finfo(torch.float32).min
+    assert hf_interface._prepared_mask(blocked, torch.float32) is blocked
+    blocked.zero_()  # an in-place edit is seen through the version counter
+    assert hf_interface._prepared_mask(blocked, torch.float32) is None

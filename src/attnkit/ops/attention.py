@@ -140,10 +140,12 @@ def _allows_everything(mask: torch.Tensor) -> bool:
     switched to attnkit from eager); dropping them is exact and turns the masked kernel (SDPA's
     efficient path on CUDA, 2x slower than cuDNN at BERT's shapes) into the unmasked one. The check
     costs one pass and one device sync per mask object (``per_mask``; the layers of a forward share
-    one mask), as transformers' own SDPA path does; skipped while compiling (no sync in a graph) and
-    for masks that need a gradient.
+    one mask), as transformers' own SDPA path does; skipped while compiling (no sync in a graph), for
+    masks that need a gradient and for ``inference_mode`` tensors (no version counter, so no cache:
+    the sync would come back on every call; transformers models get the check once per forward from
+    ``optimize``'s attention interface instead).
     """
-    if mask.requires_grad or torch.compiler.is_compiling() or mask.numel() == 0:
+    if mask.requires_grad or torch.compiler.is_compiling() or mask.numel() == 0 or mask.is_inference():
         return False
     return per_mask(mask, "allows-everything", lambda: bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()))
 
