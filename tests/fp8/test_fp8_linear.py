@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from attnkit.errors import UnsupportedError
-from attnkit.fp8 import Float8Linear, Float8TrainingConfig, native_blockwise_support
+from attnkit.fp8 import Float8Linear, Float8TrainingConfig, native_blockwise_support, sqnr
 from attnkit.fp8 import scaling
-from fp8_helpers import bf16_linear_sqnr, reference_and_fp8
+from fp8_helpers import EMULATED_FLOOR_DB, bf16_linear_sqnr, fwd_bwd_per_mode, reference_and_fp8
 
 M, K, N = 256, 384, 256
 FLOORS = {
@@ -40,20 +40,25 @@ def test_sqnr_floors(name):
     assert bf16_linear_sqnr(M, K, N) > max(FLOORS[name].values()) + 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", NATIVE_CPU)
-def test_cpu_scaled_mm_matches_emulation(name):
-    # torch's CPU _scaled_mm runs tensorwise and rowwise FP8 GEMMs: the real path equals the upcast math
-    x = torch.randn(64, 128)
-    outs = []
-    for emulate in (False, True):
-        torch.manual_seed(0)
-        layer = Float8Linear.from_float(nn.Linear(128, 48), _config(name, emulate=emulate))
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        out.square().sum().backward()
-        outs.append((out, xi.grad, layer.weight.grad))
-    for real, emulated in zip(*outs):
+def test_cpu_scaled_mm_matches_emulation(name, dtype):
+    # torch's CPU _scaled_mm runs tensorwise and rowwise FP8 GEMMs: the real path equals the upcast math,
+    # roundings included (bf16 activations with an fp32 bias: the bias is added after the bf16 rounding)
+    got = fwd_bwd_per_mode(name, ("eager", "emulate"), device="cpu", shape=(64, 128), out_features=48, dtype=dtype)
+    for real, emulated in zip(got["eager"], got["emulate"]):
         torch.testing.assert_close(real, emulated, rtol=1e-5, atol=1e-5)
+
+
+def test_planted_scale_mismatch_breaks_real_vs_emulated(monkeypatch):
+    # the GPU test's comparison (same x, same upstream gradient) must see a 1% wrong dequantisation scale
+    # in the real path (40 dB, under the floor); like with like agrees exactly on CPU
+    real_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, *, scale_a, scale_b, **kw: real_mm(
+        a, b, scale_a=scale_a, scale_b=scale_b * 1.01, **kw))
+    got = fwd_bwd_per_mode("tensorwise", ("eager", "emulate"), device="cpu", shape=(64, 128), out_features=48)
+    for real, emulated in zip(got["eager"], got["emulate"]):
+        assert 35 < sqnr(emulated, real) < EMULATED_FLOOR_DB
 
 
 def test_blockwise_on_cpu_requires_emulate():

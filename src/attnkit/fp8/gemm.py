@@ -5,7 +5,8 @@ the row-major A and ``b.t()`` the column-major B that ``_scaled_mm`` requires. T
 scales go to ``torch._scaled_mm``; blockwise (1x128 / 128x128) scales to ``torch._scaled_mm_v2``
 with explicit scaling types and the scale layouts cuBLAS asks for (outer-dim-major 1x128 scales,
 128x128 scales padded to a multiple of 4 blocks along K). ``emulate=True`` multiplies the dequantised
-operands in float32 instead: the same quantisation, the same accumulation precision, any device.
+operands in float32 instead: the same quantisation, the same accumulation precision, the same roundings
+of the result and bias, any device.
 """
 
 from __future__ import annotations
@@ -28,18 +29,25 @@ def scaled_gemm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, bias: tor
         a: (M, K) quantised operand (tensor, row or 1x128 granularity).
         b: (N, K) quantised operand (matching granularity; 128x128 allowed with a 1x128 ``a``).
         out_dtype: result dtype (bfloat16, float16 or float32).
-        bias: optional (N,) added in the output dtype.
+        bias: optional (N,); fused into ``_scaled_mm`` (added in float32, one rounding) when it has
+            ``out_dtype`` (tensor/row scales, low-precision output), else added after, in ``out_dtype``.
         fast_accum: Hopper fast accumulation (ignored when emulating and for blockwise scales).
         emulate: float32 matmul of the dequantised operands instead of an FP8 GEMM.
 
     Returns:
         (M, N) tensor of ``out_dtype``.
     """
+    native_bias = (bias is not None and a.granularity in (Granularity.TENSOR, Granularity.ROW)
+                   and out_dtype != torch.float32 and bias.dtype == out_dtype)
     if emulate:
         out = dequantize(a) @ dequantize(b).t()
-        return (out if bias is None else out + bias.float()).to(out_dtype)
+        if native_bias:  # _scaled_mm adds the bias in float32, then rounds once
+            return (out + bias.float()).to(out_dtype)
+        # the real path rounds the product to out_dtype, then adds the bias rounded to out_dtype (an fp32
+        # master bias under bf16 activations): round the same way, or the two paths differ by 1 ulp
+        out = out.to(out_dtype)
+        return out if bias is None else out + bias.to(out_dtype)
     if a.granularity in (Granularity.TENSOR, Granularity.ROW):
-        native_bias = bias is not None and out_dtype != torch.float32 and bias.dtype == out_dtype
         out = torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale, scale_b=b.scale.t(),
                                bias=bias if native_bias else None, out_dtype=out_dtype, use_fast_accum=fast_accum)
         return out if bias is None or native_bias else out + bias.to(out_dtype)
