@@ -59,6 +59,8 @@ BEFORE_BUILD = [
     pytest.param(["optimize", "gpt2", "--device", "cuda"], "--device", marks=_NO_CUDA),
     (["optimize", "gpt2", "--device", "tpu"], "--device"),
     (["optimize", "gpt2", "--backend", "fastest"], "--backend"),
+    (["optimize", "gpt2", "--compile-mode", "turbo"], "--compile-mode"),
+    (["optimize", "gpt2", "--device", "cpu", "--no-select", "--compile-mode", "default", "--compile-mode", "max-autotune"], "--compile-mode"),
     (["optimize", "gpt2", "--dtype", "int8"], "--dtype"),
     (["optimize", "gpt2", "--json", "{tmp}"], "--json"),
     (["optimize", "gpt2", "--json", "{tmp}/no-such-dir/r.json"], "--json"),

@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         select = device.startswith("cuda") if select is None else select
         modes = tuple(compile_modes or (("default",) if compile_model else ()))
+        check_arg(len(modes) <= 1 or select, "--compile-mode", "one mode, or several together with --select", f"{len(modes)} modes without --select")
         compile_arg = "none" if not modes else modes[0] if len(modes) == 1 and not select else modes
         config = OptimizeConfig(dtype=dtype, backend=backend, compile=compile_arg, check=check, select=select)
         with console.status(f"building {model} (batch {batch}) on {device}"):
