@@ -4,7 +4,7 @@ context_parallel vs one GPU, with a time budget; and the error vs float64 at wor
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=src \\
         torchrun --nproc-per-node 4 benchmarks/parallel/run.py --out $OUT \\
         --lengths 32768,131072,524288,1048576,2097152 --budget-s 270
-    python benchmarks/parallel/run.py --table FILE.json      # the Markdown table of a result file
+    python benchmarks/parallel/run.py --table FILE.json      # the Markdown table of a result file, with predicted times
 
 Causal self-attention fwd+bwd at B1 H16 D128 bf16 (issue 10's anchor shapes; ``--heads-kv`` for
 GQA) for each length in ``--lengths``. A cell is one method at one length: the median of CUDA-event
@@ -65,7 +65,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.bench.timing import time_fn
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
-from attnkit.parallel import allgather_attention, hybrid_attention, ring_attention, shard, shard_hybrid, ulysses_attention
+from attnkit.hardware import stored_profile
+from attnkit.ops.spec import AttentionSpec
+from attnkit.parallel import CPHardware, allgather_attention, hybrid_attention, predict_cp_time, ring_attention, shard, shard_hybrid, ulysses_attention
 
 METHODS = {
     "attnkit ring": (ring_attention, "zigzag"),
@@ -455,6 +457,39 @@ def _accuracy(args, rank: int, world_size: int, hybrid_shapes: list[tuple[int, i
 # ---------------------------------------------------------------- the table
 
 
+CALIBRATION_LENGTH = 131072
+"""The one-GPU cuDNN length whose time calibrates the predicted column (else the longest measured)."""
+
+
+def predictions(record: dict) -> tuple[str, dict[tuple[int, str], float]]:
+    """``attnkit.parallel.predict_cp_time`` of every measured attnkit ring / Ulysses / hybrid cell, in ms,
+    calibrated on this file's own one-GPU cuDNN time (memory bandwidth from the device's built-in
+    profile); and a line saying which calibration. Empty when the file has no one-GPU time."""
+    shape = record["shape"]
+    dtype = getattr(torch, shape.get("dtype", "bfloat16"))
+
+    def spec(seq):
+        return AttentionSpec(shape["batch"], shape["heads"], seq, shape["dim"], heads_kv=shape["heads_kv"], causal=shape.get("causal", True), dtype=dtype)
+
+    one_gpu = {r["seq"]: r["ms"] for r in record["results"] if r["method"] == "one-gpu cudnn" and "ms" in r}
+    if not one_gpu:
+        return "", {}
+    seq0 = CALIBRATION_LENGTH if CALIBRATION_LENGTH in one_gpu else max(one_gpu)
+    profile = next((stored_profile(key) for key in ("h200", "h100") if key in record["device"].lower()), None)
+    hardware = CPHardware.calibrated(spec(seq0), one_gpu[seq0], profile=profile)
+    predicted = {}
+    for r in record["results"]:
+        method, world_size = r["method"], record["world_size"]
+        if "ms" not in r or not (method in ("attnkit ring", "attnkit ulysses") or method.startswith("attnkit hybrid")):
+            continue
+        if method.startswith("attnkit hybrid"):
+            ulysses = int(method.split()[-1].split("x")[0])
+            predicted[(r["seq"], method)] = predict_cp_time(spec(r["seq"]), "hybrid", world_size, hardware, ulysses_size=ulysses).total_ms
+        else:
+            predicted[(r["seq"], method)] = predict_cp_time(spec(r["seq"]), method.split()[1], world_size, hardware).total_ms
+    return f"{hardware.name}; link {hardware.link_gbs:g} GB/s, HBM {hardware.memory_gbs:g} GB/s, overlap {hardware.overlap:g}", predicted
+
+
 def table(record: dict) -> str:
     """Markdown: one row per method, one column per length, '% of ideal (ms)'; then the accuracy."""
     rows = record["results"]
@@ -484,6 +519,13 @@ def table(record: dict) -> str:
     extrapolated = sorted({f"{label(r['seq'])}: {r['ideal']}" for r in rows if r.get("ideal", "").startswith("extrapolated")})
     if extrapolated:
         lines.append("\n\\* ideal " + "; ".join(extrapolated) + " (one-GPU time not measured there).")
+    calibration, predicted = predictions(record)
+    if predicted:
+        lines += ["", f"Predicted per-rank time (attnkit.parallel.predict_cp_time, {calibration}) vs measured:", "",
+                  "| method | length | measured | predicted | error |", "|---|---|---|---|---|"]
+        for (seq, method), ms in sorted(predicted.items(), key=lambda item: (methods.index(item[0][1]), item[0][0])):
+            measured = cell[(seq, method)]["ms"]
+            lines.append(f"| {method} | {label(seq)} | {measured:.1f} ms | {ms:.1f} ms | {100 * (ms / measured - 1):+.1f}% |")
     peaks = [f"{r['method']} {label(r['seq'])}: {r['peak_gib']:.1f} GiB" for r in rows if r["seq"] == max(lengths) and r.get("peak_gib")]
     if peaks:
         lines.append(f"\nPeak memory per rank at {label(max(lengths))}: " + ", ".join(peaks) + ".")

@@ -29,6 +29,7 @@ from attnkit.parallel.layout import (
     unshard_sequence,
 )
 from attnkit.parallel.model import CONTEXT_PARALLEL, ContextParallelConfig, context_parallel, shard_lm_batch
+from attnkit.parallel.predict import CP_METHODS, CPHardware, CPPrediction, predict_cp_time
 from attnkit.parallel.ring import ring_attention
 from attnkit.parallel.schedule import Piece, ring_schedule
 from attnkit.parallel.ulysses import hybrid_attention, ulysses_attention
@@ -59,4 +60,6 @@ __all__ = [
     "unshard_hybrid",
     # communication
     "RingComm",
+    # cost model
+    "predict_cp_time", "CPHardware", "CPPrediction", "CP_METHODS",
 ]
