@@ -93,7 +93,7 @@ def test_optimize_returns_the_picked_module():
 def test_select_times_compiled_variants(monkeypatch):
     compiled = []
 
-    def fake_compile(module, mode=None, dynamic=None):  # compiling for real on 2 CPU cores is too slow for a unit test
+    def fake_compile(module, mode=None):  # compiling for real on 2 CPU cores is too slow for a unit test
         compiled.append((module, mode))
         return module
 

@@ -19,7 +19,7 @@ import torch
 
 from attnkit.errors import InvalidArgumentError, check_arg
 
-__all__ = ["DEFAULT_MISALIGNED_FACTOR", "HardwareProfile", "stored_profile", "list_hardware", "family_profile", "dtype_key"]
+__all__ = ["DEFAULT_MISALIGNED_FACTOR", "HardwareProfile", "stored_profile", "list_hardware", "family_profile", "dtype_key", "interpolate_log"]
 
 DEFAULT_MISALIGNED_FACTOR = 0.3
 """Rate fraction of a misaligned GEMM when a profile lists none: cuBLAS's non-TMA fallback kernels for
@@ -121,7 +121,7 @@ class HardwareProfile:
         :meth:`misaligned_factor`.
         """
         curve = self.gemm_tflops_by_size.get(dtype_key(dtype))
-        rate = 1e12 * _interpolate(curve, flops / 1e9) if curve else self.matmul_rate(dtype)
+        rate = 1e12 * interpolate_log(curve, flops / 1e9) if curve else self.matmul_rate(dtype)
         return rate * self.misaligned_factor(dtype) if misaligned else rate
 
     def misaligned_factor(self, dtype: torch.dtype) -> float:
@@ -133,7 +133,7 @@ class HardwareProfile:
         and listed, else the long-sequence rate; half the matmul rate if neither is listed)."""
         curve = self.attention_tflops_by_seq.get(dtype_key(dtype))
         if curve and seq_kv:
-            return 1e12 * _interpolate(curve, seq_kv)
+            return 1e12 * interpolate_log(curve, seq_kv)
         rate = self.attention_tflops.get(dtype_key(dtype))
         return 1e12 * rate if rate else self.matmul_rate(dtype) / 2
 
@@ -169,7 +169,7 @@ class HardwareProfile:
         return cls(**{"key": key or data.get("key", "custom"), **fields})
 
 
-def _interpolate(points: list[list[float]], x: float) -> float:
+def interpolate_log(points: list[list[float]], x: float) -> float:
     """Piecewise-linear in log(x) through ``[[x, y], ...]`` (ascending x), clamped at both ends."""
     if x <= points[0][0]:
         return points[0][1]

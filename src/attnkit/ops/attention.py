@@ -16,6 +16,7 @@ from attnkit.ops.auto import select_backend
 from attnkit.ops.cache import per_mask
 from attnkit.ops.calls import CALLS, KnownCall, call_key, remember
 from attnkit.ops.inputs import attention_spec, resolve_block_pattern
+from attnkit.ops.masks import permits_everything
 from attnkit.ops.options import AttentionOptions
 from attnkit.ops.reference import explicit_weights
 from attnkit.ops.registry import BACKENDS, backend_support, get_backend, record_runtime_rejection
@@ -147,7 +148,7 @@ def _allows_everything(mask: torch.Tensor) -> bool:
     """
     if mask.requires_grad or torch.compiler.is_compiling() or mask.numel() == 0 or mask.is_inference():
         return False
-    return per_mask(mask, "allows-everything", lambda: bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()))
+    return per_mask(mask, "allows-everything", lambda: permits_everything(mask))
 
 
 def _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start) -> KnownCall:

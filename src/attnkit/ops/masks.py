@@ -23,7 +23,7 @@ import torch
 from attnkit.ops.cache import on_clear, per_mask
 from attnkit.ops.options import AttentionOptions
 
-__all__ = ["causal_mask", "merged_mask", "empty_rows", "tensor_mask", "call_mask"]
+__all__ = ["causal_mask", "merged_mask", "empty_rows", "permits_everything", "tensor_mask", "call_mask"]
 
 
 def causal_mask(seq_q: int, seq_kv: int, device: torch.device | str | None = None, *, offset: int | None = None) -> torch.Tensor:
@@ -80,6 +80,12 @@ def empty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
         return None
     allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
     return ~allowed.any(dim=-1, keepdim=True)
+
+
+def permits_everything(mask: torch.Tensor) -> bool:
+    """Whether a tensor mask leaves every score unchanged (bool all True, additive all 0): dropping it
+    is exact. One pass over the mask and one device sync; callers cache the verdict per mask object."""
+    return bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all())
 
 
 @functools.lru_cache(maxsize=64)

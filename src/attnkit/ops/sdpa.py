@@ -1,6 +1,6 @@
 """The `flash`, `efficient` and `cudnn` backends: PyTorch's fused attention kernels, called directly.
 
-Every call goes straight to an ATen kernel (each differentiable in C++), never through
+Every eager call goes straight to an ATen kernel (each differentiable in C++), never through
 ``F.scaled_dot_product_attention`` with one kernel forced, so no process-wide SDPA flag changes and
 calls from several threads or streams don't interfere:
 
@@ -14,7 +14,10 @@ calls from several threads or streams don't interfere:
   merged with causality as an additive ``attn_bias`` in q's dtype, aligned as SDPA's dispatcher
   aligns it, into ``_scaled_dot_product_efficient_attention`` or ``_scaled_dot_product_cudnn_attention``
   (K/V repeated for GQA; flash takes no bias). The efficient kernel backpropagates into the bias
-  (so into a float mask that needs a gradient); cuDNN does not (its support rule says so).
+  (so into a float mask that needs a gradient); cuDNN does not (its support rule says so). While
+  ``torch.compile`` traces, such a call goes to ``F.scaled_dot_product_attention`` with the compact
+  bias instead (Inductor writes an explicitly expanded bias out in full per layer), and torch picks
+  the masked kernel.
 
 Rows with no allowed key are opened in the bias (a uniform row) and zeroed afterwards, because
 kernels disagree on them (NaN, zeros or uniform). The CPU flash kernel returns zeros for a query row

@@ -20,7 +20,7 @@ from attnkit.optimize.hf_interface import record_calls
 from attnkit.optimize.hf_models import Switch, backend_uses, describe_calls, revert, switch_to_attnkit
 from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
 from attnkit.optimize.rewrite import ModuleFilterFn, Skip, nested_tensor_twin, rewrite_modules
-from attnkit.optimize.select import select_variant
+from attnkit.optimize.select import compile_mode_of, compiled, select_variant
 from attnkit.utils.dtypes import dtype_name, parse_dtype
 from attnkit.utils.modules import model_device, model_dtype
 from attnkit.utils.trees import cast_floating
@@ -125,7 +125,7 @@ def optimize(
     if config.select:
         report.notes.append("select needs example inputs: returned the rewritten model untimed")
     if config.compile != "none":
-        optimized = torch.compile(optimized, mode=None if config.compile == "default" else config.compile)
+        optimized = compiled(optimized, config.compile)
         report.compiled = config.compile
     if args is not None and config.measure and model_device(optimized).type == "cuda":
         report.latency = measure_latency(reference, optimized, args, kwargs, config=config)
@@ -194,13 +194,6 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def _compiled_mode(variant: str) -> str:
-    """``"rewrite+compile:max-autotune" -> "max-autotune"``, ``"compile" -> "default"``, ``"rewrite" -> "none"``."""
-    if "compile" not in variant:
-        return "none"
-    return variant.partition(":")[2] or "default"
-
-
 def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> nn.Module:
     """The fastest of the original and the rewritten model (eager, and compiled if allowed), timed; recorded in ``report``."""
     a, k = cast_floating(args, config.dtype), cast_floating(kwargs, config.dtype)
@@ -210,7 +203,7 @@ def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dic
         rounds=config.rounds, warmup=config.warmup, repeats=config.repeats, device=model_device(optimized),
     )  # fmt: skip
     report.selection = selection
-    report.compiled = _compiled_mode(selection.picked)
+    report.compiled = compile_mode_of(selection.picked)
     report.notes.append(selection.summary)
     timed = {c.name: c for c in selection.candidates}
     if timed["eager"].median_ms is not None and timed[selection.picked].median_ms is not None:

@@ -34,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from attnkit.discover.site import SiteRecord
 from attnkit.ops import attention, attention_spec, select_backend
+from attnkit.ops.masks import permits_everything
 
 __all__ = [
     "ATTNKIT",
@@ -190,8 +191,7 @@ def _prepared_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     entry = _PREPARED.get(mask)
     if entry is None or entry[:2] != (dtype, version):
         converted = _in_dtype(mask, dtype)
-        permits_all = bool(converted.all() if converted.dtype == torch.bool else (converted == 0).all())
-        entry = (dtype, version, None if permits_all else converted)
+        entry = (dtype, version, None if permits_everything(converted) else converted)
         _PREPARED[mask] = entry
     return entry[2]
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from attnkit.bench.race import Entry, race
 
-__all__ = ["Candidate", "Selection", "MIN_GAIN", "pick", "select_variant", "variant_name", "build_variants"]
+__all__ = ["Candidate", "Selection", "MIN_GAIN", "pick", "select_variant", "variant_name", "compile_mode_of", "compiled", "build_variants"]
 
 MIN_GAIN = 0.02
 """Smallest median speed-up (2%) for which a variant replaces the original."""
@@ -89,13 +89,27 @@ def variant_name(rewritten: bool, mode: str | None) -> str:
     return compiled if mode == "default" else f"{compiled}:{mode}"
 
 
+def compile_mode_of(variant: str) -> str:
+    """The ``torch.compile`` mode of a variant name: ``"rewrite+compile:max-autotune" -> "max-autotune"``,
+    ``"compile" -> "default"``, ``"rewrite" -> "none"`` (the inverse of :func:`variant_name`)."""
+    if "compile" not in variant:
+        return "none"
+    return variant.partition(":")[2] or "default"
+
+
+def compiled(module: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(module)`` with one of ``COMPILE_MODES`` (``"default"`` = torch's default mode). Shapes
+    are torch's default: static first, dynamic after a recompile (what a user calling it with other
+    batch sizes needs; the timed example shape compiles static either way)."""
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
 def build_variants(original: nn.Module, rewritten: nn.Module, compile_modes: tuple[str, ...], rewrite_passed: bool) -> dict[str, tuple[nn.Module, bool]]:
-    """name -> (module, eligible): both models eager, then both compiled with each mode (static shapes)."""
+    """name -> (module, eligible): both models eager, then both compiled with each mode."""
     variants = {"eager": (original, True), "rewrite": (rewritten, rewrite_passed)}
     for mode in compile_modes:
         for is_rewrite, module in ((False, original), (True, rewritten)):
-            compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
-            variants[variant_name(is_rewrite, mode)] = (compiled, rewrite_passed or not is_rewrite)
+            variants[variant_name(is_rewrite, mode)] = (compiled(module, mode), rewrite_passed or not is_rewrite)
     return variants
 
 

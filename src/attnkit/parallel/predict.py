@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from attnkit.errors import check_arg, check_type
-from attnkit.hardware.profiles import HardwareProfile, _interpolate, dtype_key
+from attnkit.hardware.profiles import HardwareProfile, interpolate_log, dtype_key
 from attnkit.ops.spec import AttentionSpec
 from attnkit.parallel.layout import LAYOUTS, check_layout
 
@@ -92,7 +92,7 @@ class CPHardware:
 
     def attention_rate(self, seq_kv: int) -> float:
         """Fused attention rate in FLOP/s of a kernel with ``seq_kv`` keys."""
-        return 1e12 * _interpolate([list(p) for p in self.attention_tflops], seq_kv)
+        return 1e12 * interpolate_log([list(p) for p in self.attention_tflops], seq_kv)
 
     @classmethod
     def calibrated(cls, spec: AttentionSpec, ms: float, *, profile: HardwareProfile | None = None, **fields) -> "CPHardware":
@@ -118,7 +118,7 @@ class CPHardware:
             fields.setdefault("memory_gbs", profile.achievable_bandwidth_gbs)
             curve = profile.attention_tflops_by_seq.get(dtype_key(spec.dtype))
             if curve:
-                scale = tflops / _interpolate(curve, spec.seq_kv)
+                scale = tflops / interpolate_log(curve, spec.seq_kv)
                 points = tuple((int(s), r * scale) for s, r in curve)
         fields.setdefault("name", f"calibrated: {ms:g} ms at S={spec.seq_kv} ({tflops:.0f} TFLOP/s)")
         return cls(attention_tflops=points, **fields)
