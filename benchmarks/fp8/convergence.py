@@ -18,7 +18,6 @@ import json
 import math
 import re
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -26,29 +25,16 @@ try:
     import attnkit  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared corpus
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_corpus import corpus  # noqa: E402
 from attnkit.fp8 import Float8TrainingConfig, Float8TrainStep, convert_to_float8_training, native_blockwise_support
 
 RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise", "delayed"]
-
-
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    """The stdlib's ``*.py`` files (sorted, concatenated) as a uint8 tensor of at most ``limit`` bytes."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8)
 
 
 class _Block(nn.Module):
@@ -165,15 +151,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--tail", type=int, default=50, help="final loss = mean of the last TAIL steps")
     parser.add_argument("--val-batches", type=int, default=8)
-    parser.add_argument("--bytes", type=int, default=16_000_000)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = stdlib_bytes(args.bytes)
-    split = int(len(data) * 0.95)
-    train_data, val = data[:split], data[split:]
+    train_data, val, files = corpus()
     recipes = ["bf16"] + [r for r in args.recipes.split(",") if r]
     if device == "cuda" and native_blockwise_support("cuda") is not None and "blockwise" in recipes:
         recipes.remove("blockwise")
@@ -193,7 +176,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     record = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "command": "python " + " ".join(sys.argv), "data": f"stdlib *.py, {len(data)} bytes, 95/5 split",
+              "command": "python " + " ".join(sys.argv), "data": f"stdlib *.py (tests left out), {files} files: {train_data.numel()} train / {val.numel()} validation bytes, held out by path hash",
               "model": {k: getattr(args, k) for k in ("d", "layers", "heads", "seq", "batch", "steps", "lr")},
               "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ times per fwd+bwd (the slowest rank's) and the largest rank's peak memory. Metho
   GPU at once), up to ``--max-one-gpu-length``; ideal = the faster / world size. Past that length
   the ideal is the one-GPU time at the longest measured length S0 times (S/S0)^2, and the row says
   ``"ideal": "extrapolated (S^2 from S0)"``;
-* ``attnkit ring`` (zigzag), ``attnkit ulysses``, ``attnkit allgather`` (zigzag);
+* ``attnkit ring`` (zigzag), ``attnkit ulysses`` (exchanges pipelined over 2 head groups; the
+  ``1 head group`` / ``4 head groups`` rows compare other pipelines), ``attnkit allgather`` (zigzag);
 * ``attnkit hybrid UxR``: Ulysses over U ranks (inner mesh dim) x ring over R (``hybrid_attention``
   on a ``(R, U)`` DeviceMesh); by default 2x2 at 4 ranks and 8x1, 4x2, 2x4 at 8;
 * ``torch cp cudnn|flash allgather|alltoall``: torch's ``context_parallel`` (load-balanced).
@@ -48,6 +49,7 @@ import re
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 # Multicast (NVLS) can take a shared host's GPUs out of service: keep it off whatever the launcher set.
@@ -72,8 +74,12 @@ from attnkit.parallel import CPHardware, allgather_attention, hybrid_attention, 
 METHODS = {
     "attnkit ring": (ring_attention, "zigzag"),
     "attnkit ulysses": (ulysses_attention, "contiguous"),
+    "attnkit ulysses 1 head group": (partial(ulysses_attention, head_chunks=1), "contiguous"),
+    "attnkit ulysses 4 head groups": (partial(ulysses_attention, head_chunks=4), "contiguous"),
     "attnkit allgather": (allgather_attention, "zigzag"),
 }
+ULYSSES_GROUPS = ("attnkit ulysses 1 head group", "attnkit ulysses 4 head groups")
+"""Ulysses with its exchanges pipelined over other numbers of head groups than the default (2)."""
 ONE_GPU = {"one-gpu cudnn": SDPBackend.CUDNN_ATTENTION, "one-gpu flash": SDPBackend.FLASH_ATTENTION}
 TORCH_CP = {f"torch cp {name} {rotate}": (backend, rotate) for rotate in ("allgather", "alltoall") for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))}
 DEFAULT_HYBRIDS = {4: "2x2", 8: "8x1,4x2,2x4"}
@@ -231,7 +237,7 @@ class Bench:
     def __init__(self, args, rank: int, world_size: int, hybrids: dict[str, object]):
         self.args, self.rank, self.world_size, self.hybrids = args, rank, world_size, hybrids
         self.cells: dict[tuple[int, str], dict] = {}
-        self.order = list(ONE_GPU) + ["attnkit ring"] + list(hybrids) + ["attnkit ulysses", "attnkit allgather"] + ([] if args.no_torch_cp else list(TORCH_CP))
+        self.order = list(ONE_GPU) + ["attnkit ring"] + list(hybrids) + ["attnkit ulysses", *ULYSSES_GROUPS, "attnkit allgather"] + ([] if args.no_torch_cp else list(TORCH_CP))
         for option, names in (("--methods", args.methods), ("--long-methods", args.long_methods)):
             unknown = [m for m in names.split(",") if m not in self.order and names != "all"]
             if unknown:  # a typo would silently drop rows from a one-shot run
@@ -403,7 +409,7 @@ def _accuracy(args, rank: int, world_size: int, hybrid_shapes: list[tuple[int, i
     for g in sizes:
         group, _ = dist.new_subgroups(group_size=g)  # consecutive ranks; every group runs the same case
         local_rank = rank % g
-        runs = [(m, fn, layout, {"group": group}, lambda x, layout=layout: shard(x, local_rank, g, layout=layout)) for m, (fn, layout) in METHODS.items()]
+        runs = [(m, fn, layout, {"group": group}, lambda x, layout=layout: shard(x, local_rank, g, layout=layout)) for m, (fn, layout) in METHODS.items() if m not in ULYSSES_GROUPS]
         from torch.distributed.device_mesh import init_device_mesh
 
         for ulysses, ring in hybrid_shapes:

@@ -4,7 +4,7 @@ Python standard library's own sources, evaluated dense vs every pattern and cont
     PYTHONPATH=src python benchmarks/sparse/quality.py --out benchmarks/results/sparse   # 285 CPU-s training + eval, 1 thread
 
 Random-weight models attend almost uniformly, so they cannot tell a good sparsity pattern from
-a bad one; this one is trained (``--train-seconds`` on one CPU thread, nothing saved). Held-out
+a bad one; this one (``stdlib_gpt.py``, shared with ``train.py``) is trained (``--train-seconds`` on one CPU thread, nothing saved). Held-out
 files (a fixed CRC split of their paths) give, per setting: loss and perplexity (every layer
 sparse) and their change vs dense; and, per layer and head, on the dense model's own q/k/v:
 attention-mass recall (dense probability inside the computed mask), output relative L2 vs dense,
@@ -18,9 +18,7 @@ import datetime
 import json
 import math
 import sys
-import sysconfig
 import time
-import zlib
 from pathlib import Path
 
 try:
@@ -29,82 +27,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from stdlib_gpt import GPT, corpus, learning_rate, sample_windows
 
 from attnkit.sparse import (
     BigBird, Causal, ContentAware, Dilated, Documents, GlobalTokens, Pattern, SlidingWindow, select_blocks, sparse_attention,
 )  # fmt: skip
-
-
-def corpus(validation_every: int = 10) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Train and validation bytes of the stdlib's .py files (a file is held out iff crc32(path) % n == 0)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    train, valid, files = [], [], 0
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if "site-packages" in relative or "/test" in relative or relative.startswith("test"):
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        files += 1
-        (valid if zlib.crc32(relative.encode()) % validation_every == 0 else train).append(data)
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train), as_tensor(valid), files
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x, attend, rotary):
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
-        y = attend(rotary(q), rotary(k), v).transpose(1, 2).reshape(batch, length, dim)
-        x = x + self.proj(y)
-        return x + self.mlp(self.norm2(x))
-
-
-def rotary(length: int, head_dim: int):
-    """Rotary position embedding of ``(B, nh, T, hs)`` tensors (relative positions: attention learns locality fast)."""
-    frequencies = 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim)
-    angles = torch.arange(length)[:, None] * frequencies  # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()
-
-    def rotate(x):
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
-
-    return rotate
-
-
-class GPT(nn.Module):
-    """nanoGPT-like with rotary positions: byte embeddings, pre-LN blocks, tied head."""
-
-    def __init__(self, layers: int = 4, dim: int = 128, heads: int = 4):
-        super().__init__()
-        self.embed = nn.Embedding(256, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        for module in self.modules():  # nanoGPT's init: small weights, so the tied head starts near uniform
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-
-    def forward(self, tokens, attend=None):
-        attend = attend or (lambda q, k, v, layer: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        x = self.embed(tokens)
-        rotate = rotary(tokens.shape[1], x.shape[-1] // self.blocks[0].heads)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, lambda q, k, v, layer=layer: attend(q, k, v, layer), rotate)
-        return self.norm(x) @ self.embed.weight.T  # (B, T, 256)
 
 
 def train(model: GPT, data: torch.Tensor, *, seconds: float, batch: int, context: int, lr: float, seed: int) -> dict:
@@ -114,9 +42,8 @@ def train(model: GPT, data: torch.Tensor, *, seconds: float, batch: int, context
     start, wall, step, losses = time.process_time(), time.perf_counter(), 0, []
     while (elapsed := time.process_time() - start) < seconds:
         for group in optimizer.param_groups:  # warm-up, then cosine over the time budget
-            group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds))))
-        starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=generator)
-        window = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
+            group["lr"] = learning_rate(lr, step, elapsed / seconds)
+        window = sample_windows(data, batch, context, generator)
         loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,8 +80,8 @@ def allowed_mask(setting, block: int, q, k) -> torch.Tensor:
     if isinstance(setting, ContentAware):
         selection = select_blocks(q, k, setting)
         blocks = selection.blocks.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :length, :length]
-        return blocks & setting.base.to_dense(length)
-    return setting.to_dense(length)[None, None]
+        return blocks & setting.base.to_dense(length, device=q.device)
+    return setting.to_dense(length, device=q.device)[None, None]
 
 
 @torch.no_grad()
@@ -171,7 +98,7 @@ def evaluate(model: GPT, windows: torch.Tensor, setting, block: int) -> dict:
         dense, dense_lse = _dense(q, k, v)
         out, lse = sparse_attention(q, k, v, setting, block_size=block, return_lse=True)
         mask = allowed_mask(setting, block, q, k)
-        probs = torch.exp(((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).masked_fill(~Causal().to_dense(q.shape[2]), -math.inf) - dense_lse[..., None])
+        probs = torch.exp(((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).masked_fill(~Causal().to_dense(q.shape[2], device=q.device), -math.inf) - dense_lse[..., None])
         recall = (probs * mask).sum((-1, -2)) / probs.sum((-1, -2))  # (B, H)
         rel_l2 = (out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)
         heads.append({
@@ -194,7 +121,7 @@ def evaluate(model: GPT, windows: torch.Tensor, setting, block: int) -> dict:
 
 def _dense(q, k, v):
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~Causal().to_dense(q.shape[2]), -math.inf)
+    scores = scores.masked_fill(~Causal().to_dense(q.shape[2], device=q.device), -math.inf)
     lse = torch.logsumexp(scores, -1)
     return torch.softmax(scores, -1) @ v, lse
 

@@ -1,15 +1,23 @@
 """GPU benchmark of sparse attention against the fastest dense kernel, one JSON file.
 
-    PYTHONPATH=src python benchmarks/sparse/run.py --out $OUT            # ~3-4 min on an H100
-    PYTHONPATH=src python benchmarks/sparse/run.py --out /tmp/b --quick  # 8k only
+    PYTHONPATH=src python benchmarks/sparse/run.py --out $OUT --budget-s 240   # ~4-5 min on an H200
+    PYTHONPATH=src python benchmarks/sparse/run.py --out /tmp/b --quick        # 8k only
 
-B1 H16 D128 bf16, S = 32k and 128k, forward and forward+backward (CUDA-event medians):
+B1 H16 D128 bf16, S = 8k, 32k and 128k, forward and forward+backward (CUDA-event medians):
 cuDNN SDPA dense causal, FlexAttention dense causal, and each pattern (causal window 2048,
-16 packed documents, BigBird, content-aware top-k at ~0.1 block density, selection and
-BlockMask build included) through ``sparse_attention``. Per row: ms, speed-up vs cuDNN dense,
-% of ideal (ideal = cuDNN dense causal ms x block density / causal block density), and mask
-build times: ours for a new shape and for a repeated one vs ``create_block_mask(_compile=True)``.
-A forward check at S=2048 compares FlexAttention with the gathered path on the same BlockMasks.
+16 packed documents, BigBird, content-aware top-k at ~0.1 block density, selection included)
+on FlexAttention (its BlockMask passed in), plus the window and the documents as batched dense
+calls (``sparse.dense_pieces``, what ``sparse_attention`` runs for them on CUDA). Per row: ms,
+speed-up vs cuDNN dense, % of ideal (ideal = cuDNN dense causal ms x block density / causal block
+density).
+
+Budget: every length gets a share of ``--budget-s`` (20/30/50% for 8k/32k/128k; time a length
+leaves unused passes on), and rows run cheapest-and-most-wanted first (cuDNN, dense pieces, the
+Flex patterns, content-aware, then Flex dense and BigBird), so FlexAttention's compilations (one per
+pattern, length and mode, seconds each: what kept the 2026-11-27 run from reaching content-aware at
+128k, its global deadline spent on the 32k compilations) cannot starve the 128k rows. After the
+timings, if time is left: a forward check of FlexAttention and the dense pieces against the
+gathered path, and mask build times (ours vs ``create_block_mask(_compile=True)``).
 """
 
 from __future__ import annotations
@@ -34,18 +42,34 @@ from torch.nn.attention.flex_attention import create_block_mask
 from attnkit.bench.timing import time_fn
 from attnkit.ops import attention, clear_caches
 from attnkit.sparse import BigBird, Causal, ContentAware, Documents, SlidingWindow, gathered_attention, select_blocks, sparse_attention
+from attnkit.sparse.dense_pieces import dense_pieces_attention
 
 BLOCK = 128
+LENGTH_SHARES = {8192: 0.2, 32768: 0.3, 131072: 0.5}
+"""Fraction of the budget each length may use (cumulative: unused time passes on)."""
 
 
-def cases(length: int) -> list[tuple[str, object]]:
+def cases(length: int) -> list[tuple[str, object, str]]:
+    """``(case, pattern, path)`` in the order they are timed; path is "flex" or "dense pieces"."""
+    window, documents = SlidingWindow(2048), Documents((length // 16,) * 16)
     return [
-        ("flex dense causal", Causal()),
-        ("window 2048", SlidingWindow(2048)),
-        ("16 packed documents", Documents((length // 16,) * 16)),
-        ("bigbird w1024 g128 r4", BigBird(1024, num_global=128, num_random=4, block=BLOCK)),
-        ("top-k density 0.2 of causal", ContentAware(block_size=BLOCK, density=0.2)),
+        ("window 2048 (dense pieces)", window, "dense pieces"),
+        ("16 packed documents (dense pieces)", documents, "dense pieces"),
+        ("window 2048", window, "flex"),
+        ("16 packed documents", documents, "flex"),
+        ("top-k density 0.2 of causal", ContentAware(block_size=BLOCK, density=0.2), "flex"),
+        ("flex dense causal", Causal(), "flex"),
+        ("bigbird w1024 g128 r4", BigBird(1024, num_global=128, num_random=4, block=BLOCK), "flex"),
     ]
+
+
+def _run(q, k, v, pattern, path: str, length: int):
+    if path == "dense pieces":
+        return dense_pieces_attention(q, k, v, pattern)
+    if isinstance(pattern, ContentAware):  # selection included in the timing
+        return sparse_attention(q, k, v, pattern)
+    # Its BlockMask (cached per pattern and length) sends even a window or documents to FlexAttention.
+    return sparse_attention(q, k, v, pattern.block_mask(length, length, block_size=BLOCK, device=q.device))
 
 
 def _sync_ms(fn) -> float:
@@ -101,15 +125,19 @@ def measure(length: int, repeats: int, deadline: float) -> dict:
         return time_fn(call, warmup=3, repeats=repeats, device="cuda").median_ms
 
     dense = {mode: timed(lambda: attention(q, k, v, causal=True, backend="cudnn"), mode == "fwd+bwd") for mode in ("fwd", "fwd+bwd")}
-    rows.append({"case": "cuDNN SDPA dense causal", "block_density": causal_density, **{f"{m}_ms": t for m, t in dense.items()}})
-    for name, pattern in cases(length):
+    rows.append({"case": "cuDNN SDPA dense causal", "path": "cudnn", "block_density": causal_density, **{f"{m}_ms": t for m, t in dense.items()}})
+    print(json.dumps(rows[-1]), flush=True)
+    for name, pattern, path in cases(length):
+        if time.perf_counter() > deadline:
+            rows.append({"case": name, "path": path, "pattern": repr(pattern), "skipped": "budget spent"})
+            continue
         if isinstance(pattern, ContentAware):
             density = select_blocks(q.detach(), k.detach(), pattern).density
         else:
             density = pattern.density(length, block_size=BLOCK)
-        row = {"case": name, "pattern": repr(pattern), "block_density": density}
+        row = {"case": name, "path": path, "pattern": repr(pattern), "block_density": density}
         for mode in ("fwd", "fwd+bwd"):
-            ms = timed(lambda: sparse_attention(q, k, v, pattern, block_size=BLOCK), mode == "fwd+bwd")
+            ms = timed(lambda: _run(q, k, v, pattern, path, length), mode == "fwd+bwd")
             row[f"{mode}_ms"] = ms
             if ms is not None and dense[mode] is not None:
                 ideal = dense[mode] * density / causal_density
@@ -120,17 +148,17 @@ def measure(length: int, repeats: int, deadline: float) -> dict:
     return {"seq_len": length, "rows": rows}
 
 
-def check(length: int = 2048) -> dict:
-    """Forward max |flex - gathered| on the same BlockMask (float32)."""
+def check(length: int = 4096) -> dict:
+    """Forward max |path - gathered| on the same pattern (float32; the window spans two chunks)."""
     q, k, v = (torch.randn(1, 4, length, 64, device="cuda") for _ in range(3))
     errors = {}
-    for name, pattern in cases(length):
+    for name, pattern, path in cases(length):
         if isinstance(pattern, ContentAware):
             continue
         block_mask = pattern.block_mask(length, length, block_size=BLOCK, device="cuda")
-        flex = sparse_attention(q, k, v, block_mask)
+        got = _run(q, k, v, pattern, path, length)
         gathered, _ = gathered_attention(q, k, v, block_mask, scale=64**-0.5)
-        errors[name] = float((flex - gathered).abs().max())
+        errors[name] = float((got - gathered).abs().max())
     return errors
 
 
@@ -139,15 +167,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON file")
     parser.add_argument("--quick", action="store_true", help="S = 8k only")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--budget-s", type=float, default=210.0, help="skip timings that would start after this")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="skip timings that would start after this (shared out per length)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     config = torch._dynamo.config  # one compiled FlexAttention per (mask, length, grad mode): more than the default 8
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 256))
-    deadline = time.perf_counter() + args.budget_s
-    lengths = [8192] if args.quick else [32768, 131072]
+    start = time.perf_counter()
+    lengths = [8192] if args.quick else list(LENGTH_SHARES)
+    shares = [LENGTH_SHARES[n] for n in lengths]
     report = {
         "schema": 1,
         "device": torch.cuda.get_device_name(),
@@ -156,14 +185,23 @@ def main() -> None:
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
         "shape": {"batch": 1, "heads": 16, "head_dim": 128, "dtype": "bfloat16", "block_size": BLOCK},
         "ideal": "cuDNN dense causal ms x block_density / causal block_density",
-        "check_flex_vs_gathered_max_abs": check(),
+        "budget_s": args.budget_s,
+        "length_shares": dict(zip(map(str, lengths), shares)),
         "results": [],
         "mask_build": {},
     }
-    for length in lengths:
+    for index, length in enumerate(lengths):
+        deadline = start + args.budget_s * sum(shares[: index + 1]) / sum(shares)
         report["results"].append(measure(length, args.repeats, deadline))
-        report["mask_build"][str(length)] = build_times(length)
-        print(json.dumps(report["mask_build"][str(length)]), flush=True)
+        clear_caches()  # drop this length's block masks before the next, larger one
+        torch.cuda.empty_cache()
+    end = start + args.budget_s
+    if time.perf_counter() < end:
+        report["check_vs_gathered_max_abs"] = check()
+    for length in lengths:
+        if time.perf_counter() < end:
+            report["mask_build"][str(length)] = build_times(length)
+            print(json.dumps(report["mask_build"][str(length)]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = report["device"].lower().replace(" ", "-")
     path = args.out / f"sparse-{name}-{report['date']}.json"

@@ -144,3 +144,22 @@ def test_bad_model_and_inputs_and_config():
     with pytest.raises(InvalidArgumentError, match="name: expected one of"):
         OptimizeConfig.from_preset("turbo")
     assert OptimizeConfig.from_preset("fast").dtype == torch.bfloat16
+
+
+def test_backend_report_names_torch_fused_path_where_the_layer_takes_it():
+    """An attnkit layer that eval + no_grad sends to torch's fused kernel is reported as such; a GQA
+    layer (never on that path) reports the ops backend auto picks."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = MultiHeadAttention(32, 4, batch_first=True)
+            self.grouped = MultiHeadAttention(32, 4, batch_first=True, num_kv_heads=2)
+
+        def forward(self, x):
+            return self.plain(x, x, x, need_weights=False)[0] + self.grouped(x, x, x, need_weights=False)[0]
+
+    _, report = optimize(Two().eval(), (torch.randn(2, 8, 32),))
+    uses = {use.path: use for use in report.backends}
+    assert uses["plain"].backend == "torch fused MHA"
+    assert uses["grouped"].backend != "torch fused MHA" and uses["grouped"].why.startswith("auto:")

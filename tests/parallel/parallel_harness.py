@@ -54,6 +54,8 @@ class Case:
     """Causal sliding window in tokens (ring only)."""
     documents: tuple[int, ...] | None = None
     """Packed document lengths summing to ``seq`` (ring only)."""
+    head_chunks: int | None = None
+    """Ulysses head groups pipelined with the kernels (None: the default)."""
     fault: str | None = None
     """A planted bug (see ``_planted``) that the comparison must catch."""
     seed: int = 0
@@ -62,6 +64,7 @@ class Case:
         parts = [self.method + (f"{self.mesh[0]}x{self.mesh[1]}" if self.mesh else ""), self.layout, "causal" if self.causal else "full", str(self.dtype).removeprefix("torch.")]
         parts += [f"B{self.batch}", f"H{self.heads}kv{self.heads_kv}", f"S{self.seq}", f"D{self.dim}"]
         parts += ([f"Dv{self.dim_v}"] if self.dim_v else []) + ([f"fault={self.fault}"] if self.fault else [])
+        parts += [f"chunks{self.head_chunks}"] if self.head_chunks else []
         parts += ([f"window{self.window}"] if self.window else []) + ([f"docs{'+'.join(map(str, self.documents))}"] if self.documents else [])
         return "-".join(parts)
 
@@ -163,6 +166,8 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict[str, torch.Tensor]
     inputs = {name: case.shard(x, rank, world_size) for name, x in case.inputs().items()}
     q, k, v = (inputs[name].to(case.dtype).requires_grad_(True) for name in "qkv")
     where = {"group": None} if case.mesh is None else {"mesh": _mesh(case.mesh)}
+    if case.head_chunks is not None:
+        where["head_chunks"] = case.head_chunks
     if case.window is not None:
         where["window"] = case.window
     if case.documents is not None:

@@ -49,7 +49,14 @@ _VARIANTS = [
     Case(dtype=f32, layout="contiguous", causal=False),
     Case(dtype=bf16, dim=16, seq=64),
     Case(method="ulysses", dtype=bf16, dim=16, seq=64),
+    Case(method="ulysses", heads=16, heads_kv=16, head_chunks=2),  # exchanges pipelined over 2 head groups
 ]
+# Ulysses head groups that split evenly only at some world sizes.
+_CHUNKED = {
+    2: [Case(method="ulysses", heads=8, heads_kv=8, head_chunks=4, causal=False), Case(method="ulysses", heads=8, heads_kv=4, head_chunks=2, dim=5),
+        Case(method="ulysses", heads=8, heads_kv=8, head_chunks=2, dtype=bf16, dim=16, seq=64, layout="contiguous")],
+    4: [Case(method="ulysses", heads=8, heads_kv=8, head_chunks=2, layout="contiguous")],
+}
 # Masks on global positions (ring): sliding windows that skip blocks, packed documents of any lengths.
 _MASKED = [
     Case(window=5),
@@ -73,9 +80,9 @@ def _hybrid(*meshes):
 
 
 CASES = {
-    2: _GRID + _VARIANTS + _MASKED + _hybrid((2, 1), (1, 2)),
-    4: _GRID + _VARIANTS + _MASKED + _hybrid((2, 2)),
-    8: [c for c in _GRID + _VARIANTS if c.method != "ulysses" or c.heads % 8 == 0] + _MASKED + _hybrid((2, 4), (4, 2)),
+    2: _GRID + _VARIANTS + _CHUNKED[2] + _MASKED + _hybrid((2, 1), (1, 2)),
+    4: _GRID + _VARIANTS + _CHUNKED[4] + _MASKED + _hybrid((2, 2)),
+    8: [c for c in _GRID + _VARIANTS if c.method != "ulysses" or c.heads % (8 * (c.head_chunks or 1)) == 0] + _MASKED + _hybrid((2, 4), (4, 2)),
 }
 
 
@@ -216,6 +223,7 @@ def _bad_inputs(rank: int, world_size: int) -> dict[str, str]:
         "kv_length": raised(lambda: ring_attention(q, q[:, :, :4], q[:, :, :4])),
         "layout": raised(lambda: ring_attention(q, q, q, layout="striped")),
         "ulysses_heads": raised(lambda: ulysses_attention(tensor(1, 3, 6, 8), tensor(1, 3, 6, 8), tensor(1, 3, 6, 8))),
+        "head_chunks": raised(lambda: ulysses_attention(tensor(1, 4, 6, 8), tensor(1, 4, 6, 8), tensor(1, 4, 6, 8), head_chunks=4)),
         "window_differs": raised(lambda: ring_attention(q, q, q, causal=True, window=3 + rank)),
         "scale_differs": raised(lambda: ring_attention(q, q, q, causal=True, scale=0.5 + rank)),
         "dtype_differs": raised(lambda: ring_attention(*(q.float() if rank else q,) * 3, causal=True)),
@@ -235,6 +243,7 @@ def test_bad_input_raises_naming_the_parameter_on_every_rank():
         "kv_length": "k, v: expected the local sequence length 6 of q",
         "layout": "layout: expected one of ('zigzag', 'contiguous'), got 'striped'",
         "ulysses_heads": "q.shape[1] (query heads): expected a multiple of the 2 ranks for Ulysses, got 3",
+        "head_chunks": "head_chunks: expected a divisor of 4 query heads / 2 ranks, got 4",
         "window_differs": "window on rank 1: expected 3, as on rank 0, got 4",
         "scale_differs": "scale (float64 bits) on rank 1",
         "dtype_differs": "q.dtype on rank 1",

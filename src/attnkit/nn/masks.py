@@ -24,7 +24,15 @@ import torch
 
 from attnkit.errors import check_arg, check_type, fail
 
-__all__ = ["CausalRule", "causal_rule", "attn_mask_to_ops", "key_padding_to_keep", "combine_masks", "append_allowed_keys"]
+__all__ = [
+    "CausalRule",
+    "causal_rule",
+    "attn_mask_to_ops",
+    "key_padding_to_keep",
+    "masked_out_to_additive",
+    "combine_masks",
+    "append_allowed_keys",
+]
 
 CausalRule = Literal["none", "bottom-right", "top-left"]
 """Which causal pattern a call gets: none, the op's (query ``i`` sees key ``j <= i + Skv - Sq``), or
@@ -111,10 +119,17 @@ def key_padding_to_keep(key_padding_mask: torch.Tensor | None, *, batch: int, se
     return ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask
 
 
+def masked_out_to_additive(masked_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask, True = may NOT attend (torch's convention) -> additive 0 / -inf in ``dtype``, same shape.
+
+    Exactly ``F._canonical_mask``'s conversion, so torch's fused kernel gets the mask torch would give it.
+    """
+    return torch.zeros_like(masked_out, dtype=dtype).masked_fill_(masked_out, float("-inf"))
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    """An ops mask (bool True = attend, or additive) as an additive mask in ``dtype``."""
+    return masked_out_to_additive(~mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
 
 
 def combine_masks(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

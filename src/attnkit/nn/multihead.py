@@ -13,6 +13,7 @@ from torch import nn
 from attnkit.errors import check_arg, check_type, fail
 from attnkit.nn.attend import attend
 from attnkit.nn.config import MultiHeadAttentionConfig
+from attnkit.nn.fast_path import fast_path
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.masks import CausalRule, append_allowed_keys, attn_mask_to_ops, causal_rule, combine_masks, key_padding_to_keep
 from attnkit.nn.sparse import sparse_attend
@@ -49,7 +50,10 @@ class MultiHeadAttention(nn.Module):
     Masks keep torch's convention at this layer: bool ``attn_mask`` True = may NOT attend, bool
     ``key_padding_mask`` True = ignore that key, float masks are added to the scores
     (:mod:`attnkit.nn.masks` translates them once to the ops convention, True = may attend).
-    ``need_weights`` defaults to True as in torch; pass False for the fast path.
+    ``need_weights`` defaults to True as in torch; pass False for the fast path. In eval mode with no
+    gradient to record, calls that ``nn.MultiheadAttention`` sends to its fused kernel
+    (``torch._native_multi_head_attention``) go there here too, with torch's numbers
+    (:mod:`attnkit.nn.fast_path`; :func:`~attnkit.nn.fast_path.why_not_fast_path` says why a call does not).
 
     Args: torch's constructor arguments in torch's order with torch's defaults (``batch_first=False``,
     so ``MultiHeadAttention(16, 4, 0.1)`` works), then attnkit's extras, keyword-only; see
@@ -186,9 +190,14 @@ class MultiHeadAttention(nn.Module):
             torch) or None. ``Skv_total`` includes cached and ``add_bias_kv``/``add_zero_attn`` keys. A query
             that may attend to no key gets zeros (torch gives NaN).
         """
-        cfg = self.config
         key = query if key is None else key
         value = key if value is None else value
+        # Where nn.MultiheadAttention runs its fused inference kernel, so do we (attnkit.nn.fast_path).
+        fused = fast_path(self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                          attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, dropout_mask=dropout_mask)  # fmt: skip
+        if fused is not None:
+            return fused
+        cfg = self.config
         self_attention = query is key and key is value  # before any re-layout makes new tensor objects
         batched = self._check_inputs(query, key, value)
         if not batched:

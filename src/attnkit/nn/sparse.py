@@ -6,7 +6,9 @@ What combines with a pattern, and how:
 layer argument          with ``sparsity``
 =====================  ================================================================
 ``is_causal``           ANDed with the pattern (``pattern & Causal()``; a content-aware
-                        selection's ``base`` likewise), bottom-right aligned
+                        selection's ``base`` likewise), bottom-right aligned; a sliding
+                        window or packed documents become their causal form instead (the
+                        same mask, and one ``sparse_attention`` runs on dense kernels)
 ``key_padding_mask``    bool only: ANDed per batch entry; key blocks with no kept key skipped
 ``kv_cache``            the pattern sees every cached key (queries are the last ``Sq`` positions)
 ``attn_mask``           refused: a dense ``(Sq, Skv)`` mask would bring back the ``Sq * Skv``
@@ -25,7 +27,7 @@ from attnkit.errors import UnsupportedError, check_arg
 from attnkit.nn.config import MultiHeadAttentionConfig
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.masks import key_padding_to_keep
-from attnkit.sparse import Causal, ContentAware, sparse_attention
+from attnkit.sparse import Causal, ContentAware, Documents, SlidingWindow, sparse_attention
 
 __all__ = ["sparse_attend"]
 
@@ -33,6 +35,8 @@ __all__ = ["sparse_attend"]
 def _causal(sparsity):
     if isinstance(sparsity, ContentAware):
         return dataclasses.replace(sparsity, base=sparsity.base & Causal())
+    if isinstance(sparsity, (SlidingWindow, Documents)):  # |p - j| < W and j <= p is 0 <= p - j < W
+        return dataclasses.replace(sparsity, causal=True)
     return sparsity & Causal()
 
 

@@ -17,7 +17,7 @@ from attnkit.ops.cache import per_mask
 from attnkit.ops.calls import CALLS, KnownCall, call_key, remember
 from attnkit.ops.inputs import attention_spec, resolve_block_pattern
 from attnkit.ops.masks import permits_everything
-from attnkit.ops.options import AttentionOptions
+from attnkit.ops.options import AttentionOptions, _BlockMask
 from attnkit.ops.reference import explicit_weights
 from attnkit.ops.registry import BACKENDS, backend_support, get_backend, record_runtime_rejection
 
@@ -103,10 +103,12 @@ def attention(
             pass
     run_options = known.options
     if run_options is None:
+        pattern = None
         if mask is not None and not isinstance(mask, _TENSOR):
+            pattern = None if _BlockMask is not None and isinstance(mask, _BlockMask) else mask
             mask = resolve_block_pattern(mask, q, k)  # a pattern's BlockMask, once per pattern object
         run_options = AttentionOptions(
-            mask, causal, known.default_scale if scale is None else scale, float(dropout_p), dropout_mask, return_lse, q_start, kv_start
+            mask, causal, known.default_scale if scale is None else scale, float(dropout_p), dropout_mask, return_lse, q_start, kv_start, pattern
         )
         if fresh and mask is None and dropout_mask is None:
             known = known._replace(options=run_options)  # everything in it is in the key

@@ -73,6 +73,9 @@ class AttentionOptions:
     """Global position of query row 0 (a sequence shard); None with ``kv_start`` None = bottom-right."""
     kv_start: int | None = None
     """Global position of key 0; when only one of the two starts is given the other is 0."""
+    pattern: Any = None
+    """The sparsity pattern ``mask`` (its BlockMask) was resolved from, if any: a backend that runs
+    some patterns another way (``sparse``'s dense pieces) reads it; the rest use ``mask``."""
 
     def causal_offset(self, seq_q: int, seq_kv: int) -> int:
         """Query ``i`` may see key ``j`` iff ``j <= i + offset`` (when ``causal``)."""

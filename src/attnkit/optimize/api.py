@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from attnkit.discover import SiteRecord
 from attnkit.errors import check_arg, check_type
 from attnkit.nn import MultiHeadAttention
+from attnkit.nn.fast_path import why_not_fast_path
 from attnkit.ops import BACKENDS, select_backend
 from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.equivalence import check_equivalence
@@ -246,8 +248,14 @@ def _mha_probe(path: str, uses: list[BackendUse]):
             return
         site = SiteRecord.of_module_call(path, module, args, kwargs)  # the one description analyze and validate give too
         spec = site.spec(device=query.device.type, dtype=query.dtype)
-        need_weights = args[4] if len(args) > 4 else kwargs.get("need_weights", True)
-        if need_weights:
+        call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        call.setdefault("key", query)
+        call.setdefault("value", call["key"])
+        options = {name: call[name] for name in ("key_padding_mask", "need_weights", "attn_mask", "is_causal", "kv_cache", "dropout_mask") if name in call}
+        need_weights = call.get("need_weights", True)
+        if why_not_fast_path(module, query, call["key"], call["value"], **options) is None:
+            backend, why, rejected = "torch fused MHA", "eval, no grad: torch._native_multi_head_attention, as nn.MultiheadAttention runs", {}
+        elif need_weights:
             backend, why, rejected = "math", "need_weights=True: weights come from the explicit path (pass need_weights=False)", {}
         elif cfg.backend == "auto":
             choice = select_backend(spec)

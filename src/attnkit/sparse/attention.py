@@ -5,6 +5,10 @@ compiled FlexAttention on CUDA (forward and backward); on CPU, and for float64, 
 block-sparse path (``sparse/gathered.py``): FlexAttention's CPU kernel has no backward and its
 eager form computes every score. Registered with ``register_backend`` and not offered to
 ``backend="auto"``: sparsity changes the result, so only a caller who asks for it gets it.
+
+``sparse_attention`` sends a causal ``SlidingWindow`` or equal ``Documents`` alone (no key_mask)
+on CUDA half precision to ``sparse/dense_pieces.py`` instead: batched dense cuDNN/flash calls,
+which beat FlexAttention when the squares are long enough (``_PIECES_MIN_CHUNK``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from attnkit.ops.options import AttentionOptions, _BlockMask
 from attnkit.ops.registry import BACKENDS, register_backend
 from attnkit.ops.spec import AttentionSpec
 from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL, Grid, block_mask_from_states
+from attnkit.sparse.dense_pieces import chunk_length, dense_pieces_attention, dense_pieces_support
+from attnkit.sparse.documents import Documents
 from attnkit.sparse.gathered import gathered_attention
 from attnkit.sparse.patterns import Pattern
 from attnkit.sparse.topk import ContentAware, select_blocks
@@ -42,8 +48,32 @@ def _flex_runs(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and q.dtype != torch.float64
 
 
+# Shortest square (window / document length, tokens) sent to the dense pieces on CUDA. A window
+# pays a merge and three gathered copies per token whatever its length (~0.5 ns per token and head
+# on an H200 against ~1.7 ns of kernel time at W=2048), so short windows stay on FlexAttention;
+# documents pay nothing extra but waste most of a kernel tile below 128 tokens. Estimates from
+# bandwidth and FLOP rates: benchmarks/sparse/run.py times both paths at W=2048 and L=S/16.
+_PIECES_MIN_CHUNK = {"window": 1024, "documents": 128}
+
+
+def _dense_pieces_run(q: torch.Tensor, k: torch.Tensor, pattern, key_mask) -> bool:
+    """Whether ``sparse_attention`` sends this call to the dense pieces (CUDA half precision, see above)."""
+    if key_mask is not None or not (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not isinstance(pattern, Pattern) or dense_pieces_support(pattern, q, k) is not None:
+        return False
+    chunk = chunk_length(pattern, q.shape[2])
+    one_call = isinstance(pattern, Documents) or chunk == q.shape[2]  # nothing to merge (a window >= S is causal)
+    return chunk >= _PIECES_MIN_CHUNK["documents" if one_call else "window"]
+
+
 def sparse_run(q, k, v, options: AttentionOptions):
-    """The backend's run: ``(out, lse | None)`` for a BlockMask in ``options.mask``."""
+    """The backend's run: ``(out, lse | None)`` for a BlockMask in ``options.mask`` (or the dense
+    pieces, for the pattern it came from where ``sparse_attention`` would send it there)."""
+    pattern = options.pattern
+    if pattern is not None and options.q_start is None and options.kv_start is None and _dense_pieces_run(q, k, pattern, None):
+        result = dense_pieces_attention(q, k, v, pattern, scale=options.scale, return_lse=options.return_lse)
+        return result if options.return_lse else (result, None)
     if _flex_runs(q):
         return flex_attention(q, k, v, options)
     return gathered_attention(q, k, v, options.mask, scale=options.scale, return_lse=options.return_lse)
@@ -104,6 +134,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
         key_mask: ``(B, Skv)`` bool, True = the key may be attended (padding: False), ANDed with the
             pattern; key blocks with no kept key are skipped.
 
+    On CUDA (float16/bfloat16) a causal ``SlidingWindow`` of >= 1024 tokens or ``Documents`` of one
+    length >= 128 with no ``key_mask`` run as batched dense kernel calls (``dense_pieces_attention``).
+
     Returns:
         ``out (B, Hq, Sq, Dv)`` (and ``lse``); a query with no allowed key gets zeros and ``lse = -inf``.
 
@@ -116,6 +149,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
         ok = (isinstance(key_mask, torch.Tensor) and key_mask.dtype == torch.bool
               and tuple(key_mask.shape) == (k.shape[0], k.shape[2]) and key_mask.device == k.device)
         check_arg(ok, "key_mask", f"a bool tensor (B, Skv)={(k.shape[0], k.shape[2])} on {k.device}, True = attend", key_mask)
+    if _dense_pieces_run(q, k, pattern, key_mask):
+        return dense_pieces_attention(q, k, v, pattern, scale=scale, return_lse=return_lse)
     mask = _block_mask(q, k, pattern, scale, block_size, key_mask)
     return attention(q, k, v, mask=mask, scale=scale, return_lse=return_lse, backend="sparse")
 

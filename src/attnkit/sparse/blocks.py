@@ -18,6 +18,7 @@ never FULL (as in ``create_block_mask``, whose padding counts as masked).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,31 +56,29 @@ class Grid:
         return -(-self.q_len // self.block_q), -(-self.kv_len // self.block_kv)
 
     def _ends(self, length: int, block: int, count: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = torch.arange(count, device=self.device, dtype=torch.int64) * block
-        last = torch.clamp(first + block, max=length) - 1
-        return first + shift, last + shift
+        first = torch.arange(shift, shift + count * block, block, device=self.device, dtype=torch.int64)
+        return first, torch.clamp(first + (block - 1), max=shift + length - 1)
 
-    @property
+    # Cached per Grid (one per new shape): every pattern's _states reads these, a composition several times.
+    @functools.cached_property
     def q_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First and last query position of each query block, ``(nQ, 1)`` each."""
         first, last = self._ends(self.q_len, self.block_q, self.shape[0], self.offset)
         return first[:, None], last[:, None]
 
-    @property
+    @functools.cached_property
     def kv_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First and last key index of each key block, ``(1, nKV)`` each."""
         first, last = self._ends(self.kv_len, self.block_kv, self.shape[1], 0)
         return first[None, :], last[None, :]
 
-    @property
+    @functools.cached_property
     def complete(self) -> torch.Tensor:
         """``(nQ, nKV)`` bool: the block lies wholly inside the sequences (only those can be FULL)."""
-        n_q, n_kv = self.shape
-        rows = torch.arange(n_q, device=self.device)[:, None] * self.block_q + self.block_q <= self.q_len
-        cols = torch.arange(n_kv, device=self.device)[None, :] * self.block_kv + self.block_kv <= self.kv_len
-        return rows & cols
+        (q_first, _), (kv_first, _) = self.q_range, self.kv_range
+        return (q_first <= self.kv_len - self.block_q) & (kv_first <= self.kv_len - self.block_kv)  # q_first is offset by Skv - Sq
 
-    @property
+    @functools.cached_property
     def distance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Least and greatest ``q_pos - kv_idx`` over each block, ``(nQ, nKV)``; every value between occurs."""
         q_first, q_last = self.q_range
@@ -90,7 +89,7 @@ class Grid:
 def classify(any_allowed: torch.Tensor, all_allowed: torch.Tensor, grid: Grid) -> torch.Tensor:
     """States from exact per-block facts: some pair allowed / every pair allowed (cut blocks not FULL)."""
     full = all_allowed & grid.complete
-    return torch.where(full, FULL, torch.where(any_allowed, PARTIAL, EMPTY)).to(torch.int8)
+    return torch.where(full, FULL, any_allowed.to(torch.int8))  # a bool is EMPTY (0) or PARTIAL (1)
 
 
 def either(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -106,7 +105,11 @@ def both(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def refine(states: torch.Tensor, grid: Grid, allowed: MaskFn) -> torch.Tensor:
-    """Replace UNKNOWN blocks by their exact state, evaluating ``allowed`` on those blocks' elements only."""
+    """Replace UNKNOWN blocks by their exact state, evaluating ``allowed`` on those blocks' elements only.
+
+    Finding them (``nonzero``) reads their number back to the host: a sync on CUDA, which is why
+    patterns whose states are exact by construction skip this (``Pattern._exact_states``).
+    """
     rows, cols = torch.nonzero(states == UNKNOWN, as_tuple=True)
     if rows.numel() == 0:
         return states
@@ -132,28 +135,45 @@ def computed_elements(computed: torch.Tensor, grid: Grid) -> int:
     return int((rows[:, None] * cols[None, :] * computed.cpu().to(torch.int64)).sum())
 
 
-def _ordered(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # The same ordering as create_block_mask (stable descending sort of 0/1): the selected key
-    # blocks first, ascending, then the rest; so both constructions give identical tensors.
-    table = table.to(torch.int32)
-    counts = table.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(table, dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts.contiguous(), indices.contiguous()
+def _ordered(tables: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each bool table ``(..., n)`` stacked in ``tables (T, ..., n)``: per row, the count ``(...)``
+    and the columns ``(..., n)``, the selected ones first (ascending), then the others (ascending);
+    int32, contiguous, one pair per table.
+
+    The order of ``create_block_mask`` (a stable descending sort of 0/1), without a sort: an
+    inclusive cumsum gives every column its slot (selected column ``j``: the selected ones up to
+    it, minus 1; another: the row's count plus the unselected ones before it), a scatter puts it there.
+    """
+    n = tables.shape[-1]
+    selected = tables.cumsum(-1)  # int64 (T, ..., n): selected columns up to and including j
+    counts = selected[..., -1:]
+    columns = torch.arange(n, device=tables.device, dtype=torch.int32)
+    slots = torch.where(tables, selected - 1, counts + columns - selected)
+    pairs = []
+    for table in range(tables.shape[0]):  # separate tensors: each its own allocation, as FlexAttention gets them from torch
+        order = torch.empty(slots.shape[1:], dtype=torch.int32, device=tables.device)
+        pairs.append((counts[table, ..., 0].to(torch.int32), order.scatter_(-1, slots[table], columns.expand_as(order))))
+    return pairs
 
 
 def block_mask_from_states(states: torch.Tensor, grid: Grid, mask_mod):
-    """A FlexAttention ``BlockMask`` from block states ``(B|1, H|1, nQ, nKV)`` (no UNKNOWN left).
+    """A FlexAttention ``BlockMask`` from block states ``(B|1, H|1, nQ, nKV)``.
 
-    ``mask_mod(b, h, q_idx, kv_idx)`` is applied by the kernel inside PARTIAL blocks only.
-    The transposed (query-side) tables for the backward are derived by ``from_kv_blocks``,
-    also at block level.
+    ``mask_mod(b, h, q_idx, kv_idx)`` is applied by the kernel inside PARTIAL blocks only; an
+    UNKNOWN block left unrefined runs as PARTIAL (right, only slower). All eight tables (key side
+    for the forward, query side for the backward) come from the states by elementwise work, a
+    cumsum and a scatter: no sort and no host sync. They equal, bit for bit, those of
+    ``BlockMask.from_kv_blocks`` and ``create_block_mask`` for the same blocks.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    assert states.dim() == 4 and not bool((states == UNKNOWN).any()), "refine() the states first"
-    partial, partial_idx = _ordered(states == PARTIAL)
-    full, full_idx = _ordered(states == FULL)
-    return BlockMask.from_kv_blocks(
-        partial, partial_idx, full, full_idx,
-        BLOCK_SIZE=(grid.block_q, grid.block_kv), mask_mod=mask_mod, seq_lengths=(grid.q_len, grid.kv_len),
+    assert states.dim() == 4, "states must be (B|1, H|1, nQ, nKV)"
+    tables = torch.stack(((states == PARTIAL) | (states == UNKNOWN), states == FULL))  # (2, B|1, H|1, nQ, nKV)
+    (kv_num, kv_indices), (full_kv_num, full_kv_indices) = _ordered(tables)
+    (q_num, q_indices), (full_q_num, full_q_indices) = _ordered(tables.transpose(-2, -1))
+    return BlockMask(
+        seq_lengths=(grid.q_len, grid.kv_len),
+        kv_num_blocks=kv_num, kv_indices=kv_indices, full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_indices,
+        q_num_blocks=q_num, q_indices=q_indices, full_q_num_blocks=full_q_num, full_q_indices=full_q_indices,
+        BLOCK_SIZE=(grid.block_q, grid.block_kv), mask_mod=mask_mod,
     )  # fmt: skip

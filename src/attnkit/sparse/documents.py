@@ -27,6 +27,7 @@ class Documents(Pattern):
     """Length of each document in packing order; they must sum to the key length."""
     causal: bool = True
 
+    _exact_states = True  # _states classifies from exact per-block facts: nothing to refine
     def __post_init__(self):
         check_type(self.lengths, tuple, "lengths", "Pass a tuple of ints, e.g. Documents((512, 512)).")
         check_arg(len(self.lengths) >= 1, "lengths", "at least one document length", self.lengths)
@@ -51,12 +52,20 @@ class Documents(Pattern):
     def _check_total(self, kv_len: int) -> None:
         check_arg(sum(self.lengths) == kv_len, "lengths", f"document lengths summing to the key length {kv_len}", sum(self.lengths))
 
+    def _lengths_on(self, device) -> torch.Tensor:
+        """``lengths`` as an int64 tensor on ``device``, copied without making the host wait for the GPU."""
+        lengths = torch.tensor(self.lengths, dtype=torch.int64)
+        if torch.device(device).type != "cuda":
+            return lengths.to(device)
+        return lengths.pin_memory().to(device, non_blocking=True)
+
     def _ends(self, device) -> torch.Tensor:
-        return torch.tensor(self.lengths, device=device, dtype=torch.int64).cumsum(0)
+        return self._lengths_on(device).cumsum(0)
 
     def _allowed(self, kv_len, device):
         self._check_total(kv_len)
-        ids = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), torch.tensor(self.lengths, device=device))
+        # output_size: the length is known here, so repeat_interleave need not read it back from the GPU
+        ids = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), self._lengths_on(device), output_size=kv_len)
         last, causal = kv_len - 1, self.causal
 
         def allowed(q, kv):

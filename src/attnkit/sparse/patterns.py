@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -56,6 +56,9 @@ def _device(device) -> torch.device:
 
 class Pattern:
     """Base of static patterns; subclasses are frozen dataclasses defining ``_allowed`` and ``_states``."""
+
+    _exact_states: ClassVar[bool] = False
+    """True when ``_states`` never returns UNKNOWN, so :func:`refine` (a host sync on CUDA) is skipped."""
 
     def _allowed(self, kv_len: int, device: torch.device) -> MaskFn:
         """``allowed(q_pos, kv_idx) -> bool`` for sequences of ``kv_len`` keys."""
@@ -156,7 +159,8 @@ def _block_sizes(block_size) -> tuple[int, int]:
 @functools.lru_cache(maxsize=256)
 def _states_cached(pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_kv: int, device: torch.device) -> torch.Tensor:
     grid = Grid(q_len, kv_len, block_q, block_kv, device)
-    return refine(pattern._states(grid), grid, pattern._allowed(kv_len, device))
+    states = pattern._states(grid)
+    return states if pattern._exact_states else refine(states, grid, pattern._allowed(kv_len, device))
 
 
 @functools.lru_cache(maxsize=256)
@@ -225,6 +229,8 @@ class Intersection(Pattern):
 class Causal(Pattern):
     """Query at position ``p`` sees keys ``j <= p`` (bottom-right aligned, as ``attention(causal=True)``)."""
 
+    _exact_states = True
+
     def _allowed(self, kv_len, device):
         return lambda q, kv: kv <= q
 
@@ -243,6 +249,8 @@ def _band(grid: Grid, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
 class SlidingWindow(Pattern):
     """Each query sees its ``window`` most recent keys, itself included (``0 <= p - j < window``);
     with ``causal=False`` also the ``window - 1`` keys after it (``|p - j| < window``)."""
+
+    _exact_states = True
 
     window: int
     """Keys per query on the causal side, >= 1."""
@@ -268,6 +276,8 @@ class SlidingWindow(Pattern):
 class Dilated(Pattern):
     """Keys at distances that are multiples of ``stride`` (Sparse Transformer's strided heads):
     ``(p - j) % stride == 0``, at most ``window`` of them per side (None = no limit)."""
+
+    _exact_states = True
 
     stride: int
     """Distance between attended keys, >= 1 (1 = a plain window)."""
@@ -305,6 +315,8 @@ class GlobalTokens(Pattern):
     """The first ``count`` positions are global (Longformer): every query sees them; with
     ``causal=False`` they also see every key. Causal, they are attention sinks (``j < count and j <= p``)."""
 
+    _exact_states = True
+
     count: int
     """Number of global positions, >= 1."""
     causal: bool = True
@@ -329,6 +341,8 @@ class GlobalTokens(Pattern):
 @dataclass(frozen=True)
 class PrefixLM(Pattern):
     """Causal, except that the first ``prefix`` positions are seen by every query (bidirectional prefix)."""
+
+    _exact_states = True
 
     prefix: int
     """Length of the bidirectional prefix, >= 1."""

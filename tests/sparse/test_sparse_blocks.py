@@ -1,0 +1,123 @@
+"""BlockMask construction from block states (``sparse/blocks.py``): the sort-free tables equal, bit
+for bit, those of the construction they replaced (an argsort per row, then torch's
+``BlockMask.from_kv_blocks``) and of ``create_block_mask``; a new shape builds with no sort and no
+host sync (CUDA: sync debug mode; timing on the GPU)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.profiler import ProfilerActivity, profile
+
+from attnkit.ops.cache import clear_caches
+from attnkit.sparse import EMPTY, FULL, PARTIAL, Causal, ContentAware, SlidingWindow, select_blocks
+from attnkit.sparse.blocks import UNKNOWN, Grid, block_mask_from_states
+
+_TABLES = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"]
+
+
+def _reference(states: torch.Tensor, grid: Grid, mask_mod) -> BlockMask:
+    """The construction before the sort-free one: a stable descending argsort of each 0/1 row (what
+    create_block_mask does), then torch derives the query-side tables (another sort) in from_kv_blocks."""
+
+    def ordered(table):
+        table = table.to(torch.int32)
+        return table.sum(-1, dtype=torch.int32), torch.argsort(table, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    partial, partial_idx = ordered(states == PARTIAL)
+    full, full_idx = ordered(states == FULL)
+    return BlockMask.from_kv_blocks(partial, partial_idx, full, full_idx, BLOCK_SIZE=(grid.block_q, grid.block_kv),
+                                    mask_mod=mask_mod, seq_lengths=(grid.q_len, grid.kv_len))  # fmt: skip
+
+
+def _assert_same_tables(mine: BlockMask, theirs: BlockMask) -> None:
+    for name in _TABLES:
+        a, b = getattr(mine, name), getattr(theirs, name)
+        assert a.dtype == b.dtype == torch.int32 and a.is_contiguous(), name
+        assert torch.equal(a, b), name
+    assert mine.seq_lengths == theirs.seq_lengths and mine.BLOCK_SIZE == theirs.BLOCK_SIZE
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 9, 9), (2, 3, 5, 7), (1, 2, 12, 4), (1, 1, 1, 6)], ids=str)
+def test_tables_equal_the_argsort_construction_on_random_states(shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    for density in (0.0, 0.3, 1.0):  # empty rows, mixed rows, rows with no EMPTY block
+        states = torch.where(torch.rand(shape, generator=generator) < density, torch.randint(PARTIAL, FULL + 1, shape, generator=generator), EMPTY).to(torch.int8)
+        grid = Grid(shape[2] * 16 - 5, shape[3] * 16 - 3, 16, 16, torch.device("cpu"))
+        mask_mod = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx  # noqa: E731  (any mask_mod: the tables come from the states)
+        _assert_same_tables(block_mask_from_states(states, grid, mask_mod), _reference(states, grid, mask_mod))
+
+
+@pytest.mark.parametrize("length", [200, 256])
+def test_a_per_head_selection_equals_create_block_mask(length):
+    """Batched per-head states (a content-aware selection, cut blocks at 200) vs torch's construction from elements."""
+    generator = torch.Generator().manual_seed(length)
+    q, k = torch.randn(2, 3, length, 16, generator=generator), torch.randn(2, 3, length, 16, generator=generator)
+    selection = select_blocks(q, k, ContentAware(block_size=32, density=0.4))
+    dense = selection.blocks.repeat_interleave(32, -2).repeat_interleave(32, -1)[..., :length, :length] & Causal().to_dense(length)
+    theirs = create_block_mask(lambda b, h, q_idx, kv_idx: dense[b, h, q_idx, kv_idx], 2, 3, length, length, device="cpu", BLOCK_SIZE=32)
+    mine = selection.block_mask()
+    _assert_same_tables(mine, theirs)
+    _assert_same_tables(mine, _reference(torch.where(selection.blocks, selection.base_states, EMPTY).to(torch.int8), selection.grid, mine.mask_mod))
+
+
+def test_an_unrefined_unknown_block_runs_as_partial():
+    states = torch.tensor([[[[PARTIAL, UNKNOWN, EMPTY], [FULL, UNKNOWN, PARTIAL]]]], dtype=torch.int8)
+    grid = Grid(32, 48, 16, 16, torch.device("cpu"))
+    mask_mod = Causal().mask_mod(32, 48)
+    _assert_same_tables(block_mask_from_states(states, grid, mask_mod), _reference(torch.where(states == UNKNOWN, PARTIAL, states), grid, mask_mod))
+
+
+def test_a_new_shape_builds_with_no_sort_and_no_host_sync():
+    """Profiled on CPU: on the default path (a non-composed pattern) nothing sorts, and nothing reads a
+    tensor back to the host (``_local_scalar_dense`` is .item() / bool(); nonzero sizes its output)."""
+    clear_caches()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        SlidingWindow(300).block_mask(4000, 4100, block_size=64)
+        Causal().block_mask(3000, 3000, block_size=128)
+    names = {event.name for event in prof.events()}
+    assert "aten::cumsum" in names and "aten::scatter_" in names  # the profile saw the build
+    assert not names & {"aten::sort", "aten::argsort", "aten::nonzero", "aten::_local_scalar_dense", "aten::item"}, names
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_cuda_tables_equal_cpu_and_build_without_syncs():
+    clear_caches()
+    length = 131072 - 128  # a 1023 x 1023 block table, new for both devices
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        on_gpu = SlidingWindow(2048).block_mask(length, length, block_size=128, device="cuda")
+        q, k = (torch.randn(1, 4, 8192, 64, device="cuda") for _ in range(2))
+        selection_mask = select_blocks(q, k, ContentAware(block_size=128, density=0.2)).block_mask()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_cpu = SlidingWindow(2048).block_mask(length, length, block_size=128)
+    for name in _TABLES:
+        assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
+    assert selection_mask.kv_num_blocks.shape == (1, 4, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.timing
+@_CUDA
+def test_cuda_new_shape_build_under_one_millisecond():
+    """Issue 11's goal: a new 128k shape (block 128, 1024 x 1024 blocks) after warm-up in <= 1 ms, synchronized."""
+    clear_caches()
+    SlidingWindow(2048).block_mask(131072, 131072, block_size=128, device="cuda")  # warm-up: first CUDA kernels
+    times = []
+    for step in range(1, 8):
+        length = 131072 - step * 128
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        SlidingWindow(2048).block_mask(length, length, block_size=128, device="cuda")
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    assert statistics.median(times) <= 1.0, times
