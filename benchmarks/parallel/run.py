@@ -14,8 +14,8 @@ times per fwd+bwd (the slowest rank's) and the largest rank's peak memory. Metho
   GPU at once), up to ``--max-one-gpu-length``; ideal = the faster / world size. Past that length
   the ideal is the one-GPU time at the longest measured length S0 times (S/S0)^2, and the row says
   ``"ideal": "extrapolated (S^2 from S0)"``;
-* ``attnkit ring`` (zigzag), ``attnkit ulysses`` (exchanges pipelined over 2 head groups; the
-  ``1 head group`` / ``4 head groups`` rows compare other pipelines), ``attnkit allgather`` (zigzag);
+* ``attnkit ring`` (zigzag), ``attnkit ulysses`` (one exchange each way; the ``2 head groups`` /
+  ``4 head groups`` rows pipeline the exchanges with the kernels, ``head_chunks``), ``attnkit allgather`` (zigzag);
 * ``attnkit hybrid UxR``: Ulysses over U ranks (inner mesh dim) x ring over R (``hybrid_attention``
   on a ``(R, U)`` DeviceMesh); by default 2x2 at 4 ranks and 8x1, 4x2, 2x4 at 8;
 * ``torch cp cudnn|flash allgather|alltoall``: torch's ``context_parallel`` (load-balanced).
@@ -74,12 +74,12 @@ from attnkit.parallel import CPHardware, allgather_attention, hybrid_attention, 
 METHODS = {
     "attnkit ring": (ring_attention, "zigzag"),
     "attnkit ulysses": (ulysses_attention, "contiguous"),
-    "attnkit ulysses 1 head group": (partial(ulysses_attention, head_chunks=1), "contiguous"),
+    "attnkit ulysses 2 head groups": (partial(ulysses_attention, head_chunks=2), "contiguous"),
     "attnkit ulysses 4 head groups": (partial(ulysses_attention, head_chunks=4), "contiguous"),
     "attnkit allgather": (allgather_attention, "zigzag"),
 }
-ULYSSES_GROUPS = ("attnkit ulysses 1 head group", "attnkit ulysses 4 head groups")
-"""Ulysses with its exchanges pipelined over other numbers of head groups than the default (2)."""
+ULYSSES_GROUPS = ("attnkit ulysses 2 head groups", "attnkit ulysses 4 head groups")
+"""Ulysses with its exchanges pipelined over head groups (``head_chunks``; the default row is 1 group)."""
 ONE_GPU = {"one-gpu cudnn": SDPBackend.CUDNN_ATTENTION, "one-gpu flash": SDPBackend.FLASH_ATTENTION}
 TORCH_CP = {f"torch cp {name} {rotate}": (backend, rotate) for rotate in ("allgather", "alltoall") for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))}
 DEFAULT_HYBRIDS = {4: "2x2", 8: "8x1,4x2,2x4"}

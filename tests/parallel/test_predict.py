@@ -38,21 +38,27 @@ def test_ring_counts_a_small_case_by_hand():
     p = predict_cp_time(_spec(8, heads=2, dim=4), "ring", 2, _UNIT)
     # causal forward 2*B*H*S*S*(D+Dv)/2 = 2*1*2*8*8*8/2 = 1024 FLOPs, half per rank, x3.5 with backward
     assert p.flops == pytest.approx(3.5 * 1024 / 2)
-    # forward: one K/V block (1*2*4*(4+4) bf16 = 128 B); backward: it again, plus the fp32 dK/dV
-    # accumulators (256 B) after step 0 and home after the last step
-    assert p.link_bytes == 128 + 128 + 2 * 256
-    assert p.link_ms == pytest.approx(1e3 * 768 / 1e9)
+    # forward: one K/V block (1*2*4*(4+4) bf16 = 128 B); backward: it again, plus the other rank's
+    # dK/dV share coming home after the last step: one share, so bf16 (128 B)
+    assert p.link_bytes == 128 + 128 + 128
+    assert p.link_ms == pytest.approx(1e3 * 384 / 1e9)
+    # on 4 ranks sums of two or more shares travel in float32 (256 B): after steps 2 and 3
+    four = predict_cp_time(_spec(16, heads=2, dim=4), "ring", 4, _UNIT)
+    assert four.link_bytes == 3 * 128 + 3 * 128 + 128 + 256 + 256  # K/V 3 hops each way; sums after steps 1, 2, 3
     assert p.compute_ms == pytest.approx(1e3 * p.flops / 1e12)
     assert p.hidden_ms == 0.0 and p.overhead_ms == 0.0  # overlap 0 by default
     assert p.total_ms == pytest.approx(p.compute_ms + p.link_ms + p.memory_ms)
 
 
-def test_ulysses_counts_nine_all_to_alls():
+def test_ulysses_counts_its_four_exchanges_and_the_hybrid_nine():
     # B1 H2 S8 D4 bf16 on 2 ranks: 4 tokens a rank; q, k, v, out, grad_out, dq, dk, dv 64 B each, lse 32 B (fp32)
     p = predict_cp_time(_spec(8, heads=2, dim=4), "ulysses", 2, _UNIT)
-    assert p.link_bytes == (8 * 64 + 32) / 2  # each rank sends (W-1)/W of every tensor
+    assert p.link_bytes == 8 * 64 / 2  # each rank sends (W-1)/W of every tensor; no lse
     assert p.flops == pytest.approx(3.5 * 1024 / 2)
-    assert p.memory_ms == pytest.approx(1e3 * 4 * (8 * 64 + 32) / 1e9)  # two reorder copies per exchange
+    assert p.memory_ms == pytest.approx(1e3 * 4 * 8 * 64 / 1e9)  # two reorder copies per tensor
+    ring_only = predict_cp_time(_spec(8, heads=2, dim=4), "ring", 1, _UNIT)
+    hybrid = predict_cp_time(_spec(8, heads=2, dim=4), "hybrid", 2, _UNIT, ulysses_size=2)
+    assert hybrid.link_bytes == (8 * 64 + 32) / 2 + ring_only.link_bytes  # one exchange per tensor, lse included
 
 
 def test_ulysses_with_fewer_kv_heads_than_ranks_sends_one_kv_head_per_peer():
@@ -187,4 +193,4 @@ def test_the_benchmark_table_prints_predicted_next_to_measured():
     assert predicted == pytest.approx(expected)
     text = run.table(record)
     assert "| method | length | measured | predicted | error |" in text
-    assert "| attnkit ring | 2M | 30417.4 ms | 30039.3 ms | -1.2% |" in text
+    assert "| attnkit ring | 2M | 30417.4 ms | 30002.5 ms | -1.4% |" in text

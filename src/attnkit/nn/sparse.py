@@ -8,7 +8,7 @@ layer argument          with ``sparsity``
 ``is_causal``           ANDed with the pattern (``pattern & Causal()``; a content-aware
                         selection's ``base`` likewise), bottom-right aligned; a sliding
                         window or packed documents become their causal form instead (the
-                        same mask, and one ``sparse_attention`` runs on dense kernels)
+                        same mask as one pattern; equal documents then run on dense kernels)
 ``key_padding_mask``    bool only: ANDed per batch entry; key blocks with no kept key skipped
 ``kv_cache``            the pattern sees every cached key (queries are the last ``Sq`` positions)
 ``attn_mask``           refused: a dense ``(Sq, Skv)`` mask would bring back the ``Sq * Skv``

@@ -8,9 +8,11 @@ global shape (an :class:`~attnkit.ops.spec.AttentionSpec` with ``seq_q`` = the g
 * **compute**: the FLOPs of each kernel call (README conventions: 2 per multiply-add, forward
   ``2*B*Hq*Sq*Skv*(D+Dv)``, halved for a causal block, backward 2.5x forward) at the attention rate;
 * **link**: bytes over the GPU's link per direction. Ring, per step: the next K/V block (input
-  dtype; forward and backward), and in backward the float32 dK/dV accumulators travelling with it;
-  the last accumulators arrive after the last step, exposed. Ulysses: nine all-to-alls (q, k, v,
-  out, lse forward; grad_out, dq, dk, dv backward), each rank sending ``(W-1)/W`` of its tensor;
+  dtype; forward and backward), and in backward the dK/dV sums of the other ranks' shares
+  travelling with it (one share in the input dtype, more in float32); the last sums arrive after
+  the last step, exposed. Ulysses: q, k, v to head shards and out back (forward), grad_out in and
+  dq, dk, dv back (backward), each rank sending ``(W-1)/W`` of each tensor, in four exchanges (the
+  hybrid's Ulysses part: one per tensor, and lse too);
 * **memory**: bytes of the memory-bound passes around the kernels at HBM bandwidth: the float32
   merge of each partial output (``ring.merge_partials``), the float32 gradient sums, the K/V half
   blocks a zigzag step copies, the accumulators' zero-fill and final cast, and two copies per
@@ -240,7 +242,7 @@ def predict_cp_time(
         ring_size = world_size // ulysses_size
         _check_heads(spec, ulysses_size)
         heads = _heads_after_exchange(spec, ulysses_size)
-        tally = _ring(heads, ring_size, hardware, layout).add(_exchanges(spec, ulysses_size, world_size, hardware))
+        tally = _ring(heads, ring_size, hardware, layout).add(_exchanges(spec, ulysses_size, world_size, hardware, packed=False))
     return CPPrediction(
         method=method, world_size=world_size, total_ms=1e3 * tally.total, compute_ms=1e3 * tally.compute, link_ms=1e3 * tally.link,
         hidden_ms=1e3 * tally.hidden, memory_ms=1e3 * tally.memory, overhead_ms=1e3 * tally.overhead, link_bytes=tally.link_bytes,
@@ -274,7 +276,11 @@ def _ring(spec: AttentionSpec, world_size: int, hw: CPHardware, layout: str) -> 
     acc = torch.promote_types(spec.dtype, torch.float32).itemsize
     batch, heads_q, heads_kv, dim, dim_v = spec.batch, spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v
     kv_bytes = batch * heads_kv * seq_local * (dim + dim_v) * elt  # one K/V block in the input dtype
-    grad_bytes = batch * heads_kv * seq_local * (dim + dim_v) * acc  # the dK/dV accumulators travelling with it
+
+    def travel_bytes(after_step: int) -> int:
+        """dK/dV sums sent after ``after_step``: one share (step 1) in the input dtype, more in float32."""
+        return batch * heads_kv * seq_local * (dim + dim_v) * (elt if after_step == 1 else acc)
+
     # accumulators zero-filled (out, dq, dk, dv) and cast once at the end
     setup = (batch * heads_q * seq_local * (dim + dim_v) + batch * heads_kv * seq_local * (dim + dim_v)) * (2 * acc + elt)
     slowest = _Tally()
@@ -295,15 +301,16 @@ def _ring(spec: AttentionSpec, world_size: int, hw: CPHardware, layout: str) -> 
                 memory = (copy + merge, copy + sums)
             last = step == world_size - 1
             forward_link = 0 if last else kv_bytes  # the next K/V block
-            backward_link = (0 if last else kv_bytes) + (grad_bytes if step > 0 else 0)  # ... and the previous step's dK/dV
+            backward_link = (0 if last else kv_bytes) + (travel_bytes(step - 1) if step > 1 else 0)  # ... and the previous step's dK/dV sums
             for factor, link, passes in ((1.0, forward_link, memory[0]), (_BACKWARD, backward_link, memory[1])):
                 seconds, link_s = factor * compute, link / (hw.link_gbs * 1e9)
                 tally = tally.add(_Tally(
                     compute=seconds, link=link_s, hidden=hw.overlap * min(seconds, link_s), memory=passes / (hw.memory_gbs * 1e9),
                     overhead=1e-6 * hw.step_overhead_us, link_bytes=link, flops=factor * flops,
                 ))
-        if world_size > 1:  # the last dK/dV accumulators come home after the last step, with nothing left to hide them
-            tally = tally.add(_Tally(link=grad_bytes / (hw.link_gbs * 1e9), link_bytes=grad_bytes))
+        if world_size > 1:  # the last dK/dV sums come home after the last step, with nothing left to hide them
+            home = travel_bytes(world_size - 1)
+            tally = tally.add(_Tally(link=home / (hw.link_gbs * 1e9), link_bytes=home))
         slowest = max(slowest, tally, key=lambda t: t.total)
     return slowest
 
@@ -329,22 +336,26 @@ def _heads_after_exchange(spec: AttentionSpec, size: int) -> AttentionSpec:
     )
 
 
-def _exchanges(spec: AttentionSpec, size: int, world_size: int, hw: CPHardware) -> _Tally:
-    """The nine all-to-alls over ``size`` ranks of one rank holding ``S / world_size`` tokens."""
+def _exchanges(spec: AttentionSpec, size: int, world_size: int, hw: CPHardware, *, packed: bool) -> _Tally:
+    """The all-to-alls over ``size`` ranks of one rank holding ``S / world_size`` tokens.
+
+    ``packed`` (``ulysses_attention``): q/k/v in one exchange, out back, grad_out in, dq/dk/dv back in
+    one, no lse. Otherwise (the hybrid's ``_exchange``): one exchange per tensor, lse included.
+    """
     tokens = spec.batch * spec.seq_q // world_size
     q = tokens * spec.heads_q * spec.head_dim * spec.dtype.itemsize
     o = tokens * spec.heads_q * spec.head_dim_v * spec.dtype.itemsize
     k = tokens * _kv_heads_sent(spec, size) * spec.head_dim * spec.dtype.itemsize
     lse = tokens * spec.heads_q * torch.promote_types(spec.dtype, torch.float32).itemsize
     v = tokens * _kv_heads_sent(spec, size) * spec.head_dim_v * spec.dtype.itemsize
-    # forward: q, k, v to head shards, out and lse back; backward: grad_out to head shards, dq, dk, dv back
-    tensors = [q, k, v, o, lse, o, q, k, v]
+    # forward: q, k, v to head shards, out (and lse) back; backward: grad_out to head shards, dq, dk, dv back
+    tensors = [q, k, v, o, o, q, k, v] if packed else [q, k, v, o, lse, o, q, k, v]
     sent = sum(tensors) * (size - 1) / size
     return _Tally(
         link=sent / (hw.link_gbs * 1e9),
         link_bytes=sent,
-        memory=4 * sum(tensors) / (hw.memory_gbs * 1e9),  # two reorder copies (read + write) per exchange
-        overhead=len(tensors) * 1e-6 * hw.step_overhead_us,
+        memory=4 * sum(tensors) / (hw.memory_gbs * 1e9),  # two reorder copies (read + write) per tensor
+        overhead=(4 if packed else len(tensors)) * 1e-6 * hw.step_overhead_us,
     )
 
 
@@ -352,4 +363,4 @@ def _ulysses(spec: AttentionSpec, world_size: int, hw: CPHardware) -> _Tally:
     _check_heads(spec, world_size)
     local = _heads_after_exchange(spec, world_size)
     flops = local.flops(backward=True)
-    return _Tally(compute=flops / hw.attention_rate(spec.seq_kv), flops=flops).add(_exchanges(spec, world_size, world_size, hw))
+    return _Tally(compute=flops / hw.attention_rate(spec.seq_kv), flops=flops).add(_exchanges(spec, world_size, world_size, hw, packed=True))

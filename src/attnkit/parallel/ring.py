@@ -19,15 +19,17 @@ window or packed documents split each step into chunk pairs masked on global pos
 the mask empties are skipped (``parallel.schedule``).
 
 Per step (what ring-flash-attention does too): the next K/V block's transfer is started before the
-current block's kernel is queued, in forward and backward; backward also passes the float32 dK/dV
-accumulators on, started right after the step's gradients are added and waited for one step later,
-so both transfers run while the next block computes. Nothing waits on the host: ``RingComm.wait``
+current block's kernel is queued, in forward and backward; backward also passes the dK/dV sums of
+the other ranks' shares on, started right after the step's gradients are added and waited for one
+step later, so both transfers run while the next block computes. A rank's own share never travels,
+and a sum of one share travels in the kernel's dtype (exact), so on 2 ranks the last transfer,
+which no compute hides, is bf16. Nothing waits on the host: ``RingComm.wait``
 makes the compute stream wait for NCCL's. An unmasked zigzag step is one attention kernel; the
 partial result is merged into the float32 accumulators in place (``merge_partials`` below: two
 full-size kernels, no full-size temporaries), and the query-side row slices that a step needs dense
 (half of q, grad_out, out, lse) are copied once per call, not once per step.
 
-Precision: partial outputs, dq and the travelling dK/dV accumulators are float32 (float64 for
+Precision: partial outputs, dq and the travelling dK/dV sums of two or more shares are float32 (float64 for
 float64 inputs) and each block's share comes back from the plain (CPU) path in that dtype
 (``accumulate=True``), so nothing is rounded to bf16 before the final cast. The CUDA kernels write
 each block's out/dq/dk/dv in the input dtype, so on GPU every block's share carries one bf16
@@ -117,43 +119,71 @@ def _ring_forward(q, k, v, comm: RingComm, schedule: list[list[Piece]], scale: f
     return out, lse
 
 
+def _step_share(parts, pieces: list[Piece], like: torch.Tensor, index: int, acc: torch.dtype) -> torch.Tensor:
+    """This step's gradient for the K (``index=1``) or V (``index=2``) block held, full block size.
+
+    One piece: its gradient placed in a zero block of the kernel's own dtype (bf16 from the CUDA
+    kernels: no rounding, so it may travel in bf16); several pieces: summed in ``acc``.
+    """
+    if len(pieces) == 1:
+        grad = parts[0][index]
+        if grad.shape == like.shape:
+            return grad
+        share = torch.zeros(like.shape, dtype=grad.dtype, device=like.device)
+        share[:, :, pieces[0].keys] = grad
+        return share
+    share = torch.zeros(like.shape, dtype=acc, device=like.device)
+    for piece, part in zip(pieces, parts):
+        share[:, :, piece.keys] += part[index]
+    return share
+
+
 def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, schedule: list[list[Piece]], scale: float):
-    """Returns ``(dq, dk, dv)`` of the local shards in float32 (float64 for float64 inputs)."""
+    """Returns ``(dq, dk, dv)`` of the local shards in float32 (float64 for float64 inputs).
+
+    dK/dV: this rank's own block's share (step 0) stays here. The shares other ranks compute for
+    a block travel with it, summed in float32 along the way, and reach home after the last step;
+    a travelling sum of one share goes in the kernel's dtype (exact: the share is that dtype), so
+    on 2 ranks the one transfer that nothing overlaps (the last) carries bf16, half the bytes.
+    """
     kv_comm, grad_comm = RingComm(group), RingComm(group)
     world_size = kv_comm.world_size
     acc = torch.promote_types(q.dtype, torch.float32)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
-    grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
-    grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
     fixed = _FixedRows(grad_out=grad_out, q=q, out=out, lse=lse, grad_lse=grad_lse)
+    home_k = home_v = travel_k = travel_v = None
     for step in range(world_size):
         if step + 1 < world_size:  # the next block travels while this one computes
             next_k, next_v = kv_comm.send_recv(k), kv_comm.send_recv(v)
             kv_comm.commit()
+        pieces = schedule[step]
         parts = [
             backward_from_lse(
                 fixed("grad_out", p.rows), fixed("q", p.rows), _rows(k, p.keys), _rows(v, p.keys), fixed("out", p.rows), fixed("lse", p.rows),
                 causal=p.causal, scale=scale, grad_lse=fixed("grad_lse", p.rows), mask=p.mask, accumulate=True,
             )
-            for p in schedule[step]
+            for p in pieces
         ]  # fmt: skip
-        if step > 0:  # the accumulators of the K/V block now held, sent by the previous rank last step
-            grad_comm.wait()
-            grad_k, grad_v = next_grad_k, next_grad_v
-        for piece, (dq, dk, dv) in zip(schedule[step], parts):
+        for piece, (dq, _, _) in zip(pieces, parts):
             grad_q[:, :, piece.rows] += dq
-            grad_k[:, :, piece.keys] += dk
-            grad_v[:, :, piece.keys] += dv
-        if world_size > 1:  # pass them on with the block (they travel during the next step); after the last step they are home
-            next_grad_k, next_grad_v = grad_comm.send_recv(grad_k), grad_comm.send_recv(grad_v)
+        share_k, share_v = _step_share(parts, pieces, k, 1, acc), _step_share(parts, pieces, v, 2, acc)
+        if step == 0:
+            home_k, home_v = share_k.to(acc), share_v.to(acc)
+        elif step == 1:
+            travel_k, travel_v = share_k, share_v
+        else:  # the sum of the shares before this rank, sent by the previous rank last step
+            grad_comm.wait()
+            travel_k, travel_v = next_grad_k.to(acc).add_(share_k), next_grad_v.to(acc).add_(share_v)
+        if step >= 1:  # pass it on with the block (it travels during the next step); after the last step it is home
+            next_grad_k, next_grad_v = grad_comm.send_recv(travel_k), grad_comm.send_recv(travel_v)
             grad_comm.commit()
         if step + 1 < world_size:
             kv_comm.wait()
             k, v = next_k, next_v
-    if world_size > 1:
-        grad_comm.wait()
-        grad_k, grad_v = next_grad_k, next_grad_v
-    return grad_q, grad_k, grad_v
+    if world_size == 1:
+        return grad_q, home_k, home_v
+    grad_comm.wait()
+    return grad_q, home_k.add_(next_grad_k), home_v.add_(next_grad_v)
 
 
 class _RingAttention(torch.autograd.Function):

@@ -6,9 +6,10 @@ block-sparse path (``sparse/gathered.py``): FlexAttention's CPU kernel has no ba
 eager form computes every score. Registered with ``register_backend`` and not offered to
 ``backend="auto"``: sparsity changes the result, so only a caller who asks for it gets it.
 
-``sparse_attention`` sends a causal ``SlidingWindow`` or equal ``Documents`` alone (no key_mask)
-on CUDA half precision to ``sparse/dense_pieces.py`` instead: batched dense cuDNN/flash calls,
-which beat FlexAttention when the squares are long enough (``_PIECES_MIN_CHUNK``).
+``sparse_attention`` sends ``Documents`` of one length alone (no key_mask) on CUDA half precision
+to ``sparse/dense_pieces.py`` instead: one batched dense cuDNN/flash call, which beats FlexAttention
+when the documents are long enough (``_PIECES_MIN_DOCUMENT``). Sliding windows stay on
+FlexAttention (as dense pieces they were no faster; numbers in dense_pieces.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from attnkit.ops.options import AttentionOptions, _BlockMask
 from attnkit.ops.registry import BACKENDS, register_backend
 from attnkit.ops.spec import AttentionSpec
 from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL, Grid, block_mask_from_states
-from attnkit.sparse.dense_pieces import chunk_length, dense_pieces_attention, dense_pieces_support
+from attnkit.sparse.dense_pieces import dense_pieces_attention, dense_pieces_support
 from attnkit.sparse.documents import Documents
 from attnkit.sparse.gathered import gathered_attention
 from attnkit.sparse.patterns import Pattern
@@ -48,23 +49,19 @@ def _flex_runs(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and q.dtype != torch.float64
 
 
-# Shortest square (window / document length, tokens) sent to the dense pieces on CUDA. A window
-# pays a merge and three gathered copies per token whatever its length (~0.5 ns per token and head
-# on an H200 against ~1.7 ns of kernel time at W=2048), so short windows stay on FlexAttention;
-# documents pay nothing extra but waste most of a kernel tile below 128 tokens. Estimates from
-# bandwidth and FLOP rates: benchmarks/sparse/run.py times both paths at W=2048 and L=S/16.
-_PIECES_MIN_CHUNK = {"window": 1024, "documents": 128}
+# Shortest document (tokens) sent to the dense pieces on CUDA: they add no work, but below 128
+# tokens a document fills little of a kernel tile (an estimate; benchmarks/sparse/run.py times
+# L = S/16, 512 tokens and up, where the pieces are the faster path).
+_PIECES_MIN_DOCUMENT = 128
 
 
 def _dense_pieces_run(q: torch.Tensor, k: torch.Tensor, pattern, key_mask) -> bool:
     """Whether ``sparse_attention`` sends this call to the dense pieces (CUDA half precision, see above)."""
     if key_mask is not None or not (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)):
         return False
-    if not isinstance(pattern, Pattern) or dense_pieces_support(pattern, q, k) is not None:
+    if not isinstance(pattern, Documents) or dense_pieces_support(pattern, q, k) is not None:
         return False
-    chunk = chunk_length(pattern, q.shape[2])
-    one_call = isinstance(pattern, Documents) or chunk == q.shape[2]  # nothing to merge (a window >= S is causal)
-    return chunk >= _PIECES_MIN_CHUNK["documents" if one_call else "window"]
+    return pattern.lengths[0] >= _PIECES_MIN_DOCUMENT
 
 
 def sparse_run(q, k, v, options: AttentionOptions):
@@ -134,8 +131,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
         key_mask: ``(B, Skv)`` bool, True = the key may be attended (padding: False), ANDed with the
             pattern; key blocks with no kept key are skipped.
 
-    On CUDA (float16/bfloat16) a causal ``SlidingWindow`` of >= 1024 tokens or ``Documents`` of one
-    length >= 128 with no ``key_mask`` run as batched dense kernel calls (``dense_pieces_attention``).
+    On CUDA (float16/bfloat16) ``Documents`` of one length >= 128 with no ``key_mask`` run as one
+    batched dense kernel call (``dense_pieces_attention``).
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` (and ``lse``); a query with no allowed key gets zeros and ``lse = -inf``.
