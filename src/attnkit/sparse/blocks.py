@@ -19,12 +19,14 @@ never FULL (as in ``create_block_mask``, whose padding counts as masked).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "UNKNOWN", "MaskFn", "Grid", "classify", "either", "both", "refine", "block_mask_from_states", "computed_elements"]
+__all__ = ["EMPTY", "PARTIAL", "FULL", "UNKNOWN", "MaskFn", "Grid", "classify", "either", "both", "refine", "block_tables",
+           "block_mask_from_tables", "block_mask_from_states", "on_device", "computed_elements"]
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 """Block states (int8): nothing allowed, some allowed, all allowed, not known yet (see :func:`refine`)."""
@@ -32,7 +34,26 @@ EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``allowed(q_pos, kv_idx) -> bool`` on broadcastable int64 tensors (query positions in key coordinates)."""
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # make_fx, FakeTensorMode, ...
 _REFINE_CHUNK = 1 << 22  # elements evaluated at once when refining UNKNOWN blocks
+
+
+class _per_grid:
+    """``functools.cached_property`` without the lock it takes before Python 3.12 (Dynamo cannot enter it):
+    Grid's tensors are made once per Grid, which every pattern's ``_states`` reads, a composition several times."""
+
+    def __init__(self, method):
+        self.method, self.__doc__ = method, method.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, grid, owner=None):
+        if grid is None:
+            return self
+        if self.name not in grid.__dict__:
+            grid.__dict__[self.name] = self.method(grid)
+        return grid.__dict__[self.name]
 
 
 @dataclass(frozen=True)
@@ -59,26 +80,25 @@ class Grid:
         first = torch.arange(shift, shift + count * block, block, device=self.device, dtype=torch.int64)
         return first, torch.clamp(first + (block - 1), max=shift + length - 1)
 
-    # Cached per Grid (one per new shape): every pattern's _states reads these, a composition several times.
-    @functools.cached_property
+    @_per_grid
     def q_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First and last query position of each query block, ``(nQ, 1)`` each."""
         first, last = self._ends(self.q_len, self.block_q, self.shape[0], self.offset)
         return first[:, None], last[:, None]
 
-    @functools.cached_property
+    @_per_grid
     def kv_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First and last key index of each key block, ``(1, nKV)`` each."""
         first, last = self._ends(self.kv_len, self.block_kv, self.shape[1], 0)
         return first[None, :], last[None, :]
 
-    @functools.cached_property
+    @_per_grid
     def complete(self) -> torch.Tensor:
         """``(nQ, nKV)`` bool: the block lies wholly inside the sequences (only those can be FULL)."""
         (q_first, _), (kv_first, _) = self.q_range, self.kv_range
         return (q_first <= self.kv_len - self.block_q) & (kv_first <= self.kv_len - self.block_kv)  # q_first is offset by Skv - Sq
 
-    @functools.cached_property
+    @_per_grid
     def distance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Least and greatest ``q_pos - kv_idx`` over each block, ``(nQ, nKV)``; every value between occurs."""
         q_first, q_last = self.q_range
@@ -156,24 +176,83 @@ def _ordered(tables: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-def block_mask_from_states(states: torch.Tensor, grid: Grid, mask_mod):
-    """A FlexAttention ``BlockMask`` from block states ``(B|1, H|1, nQ, nKV)``.
+def block_tables(states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The eight ``BlockMask`` tables of block states ``(B|1, H|1, nQ, nKV)``, int32, contiguous, each its own allocation.
 
-    ``mask_mod(b, h, q_idx, kv_idx)`` is applied by the kernel inside PARTIAL blocks only; an
-    UNKNOWN block left unrefined runs as PARTIAL (right, only slower). All eight tables (key side
-    for the forward, query side for the backward) come from the states by elementwise work, a
-    cumsum and a scatter: no sort and no host sync. They equal, bit for bit, those of
-    ``BlockMask.from_kv_blocks`` and ``create_block_mask`` for the same blocks.
+    In order: ``kv_num_blocks (B, H, nQ)``, ``kv_indices (B, H, nQ, nKV)``, ``full_kv_num_blocks``,
+    ``full_kv_indices`` (key side, the forward), then ``q_num_blocks (B, H, nKV)``, ``q_indices
+    (B, H, nKV, nQ)``, ``full_q_num_blocks``, ``full_q_indices`` (query side, the backward).
+    PARTIAL and UNKNOWN blocks go to the masked tables, FULL ones to the ``full_`` tables.
+    Elementwise work, a cumsum and a scatter: no sort, no host sync, no data-dependent shape, so
+    it compiles into one dynamic-shape graph (:func:`on_device`).
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    assert states.dim() == 4, "states must be (B|1, H|1, nQ, nKV)"
     tables = torch.stack(((states == PARTIAL) | (states == UNKNOWN), states == FULL))  # (2, B|1, H|1, nQ, nKV)
     (kv_num, kv_indices), (full_kv_num, full_kv_indices) = _ordered(tables)
     (q_num, q_indices), (full_q_num, full_q_indices) = _ordered(tables.transpose(-2, -1))
+    return kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num, full_q_indices
+
+
+def block_mask_from_tables(tables: tuple[torch.Tensor, ...], grid: Grid, mask_mod):
+    """A FlexAttention ``BlockMask`` from :func:`block_tables`' eight tables (kept as they are, not copied)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num, full_q_indices = tables
     return BlockMask(
         seq_lengths=(grid.q_len, grid.kv_len),
         kv_num_blocks=kv_num, kv_indices=kv_indices, full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_indices,
         q_num_blocks=q_num, q_indices=q_indices, full_q_num_blocks=full_q_num, full_q_indices=full_q_indices,
         BLOCK_SIZE=(grid.block_q, grid.block_kv), mask_mod=mask_mod,
     )  # fmt: skip
+
+
+def block_mask_from_states(states: torch.Tensor, grid: Grid, mask_mod):
+    """A FlexAttention ``BlockMask`` from block states ``(B|1, H|1, nQ, nKV)``.
+
+    ``mask_mod(b, h, q_idx, kv_idx)`` is applied by the kernel inside PARTIAL blocks only; an
+    UNKNOWN block left unrefined runs as PARTIAL (right, only slower). The tables
+    (:func:`block_tables`, compiled on CUDA) equal, bit for bit, those of
+    ``BlockMask.from_kv_blocks`` and ``create_block_mask`` for the same blocks.
+    """
+    assert states.dim() == 4, "states must be (B|1, H|1, nQ, nKV)"
+    return block_mask_from_tables(on_device(block_tables, states.device)(states), grid, mask_mod)
+
+
+def on_device(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` (tensors and ints in, tensors out) as it should run for tensors on ``device``.
+
+    On CUDA, :func:`compiled` ``fn``: a new sequence length then costs a few fused kernels instead
+    of ~50 launches of small eager ops (each ~10-30 us of launch and Python). On CPU ``fn`` itself
+    (compiling would cost seconds for a gain of microseconds), and ``fn`` itself under an outer
+    ``torch.compile`` / ``torch.export`` or a dispatch mode (``make_fx``, fake tensors), which
+    trace it into their own graph.
+    """
+    if device.type == "cuda" and not torch.compiler.is_compiling() and not _dispatch_modes():
+        return compiled(fn)
+    return fn
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=True, fullgraph=True)``, called with grad mode off.
+
+    ``dynamic=True`` makes tensor sizes and int arguments symbolic from the first compilation, so
+    every later length reuses the graph (sizes 0 and 1 are still specialized: one more graph for a
+    single-block dimension). Grad mode is part of Dynamo's guards; fixing it keeps one graph for
+    callers inside and outside ``torch.no_grad()`` (nothing here has a gradient). Should Dynamo or
+    Inductor fail on it (another torch version), it warns once and ``fn`` runs eagerly from then on:
+    the same tables, only slower.
+    """
+    graph = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal graph
+        with torch.no_grad():
+            try:
+                return graph(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                warnings.warn(f"attnkit.sparse: compiling {fn.__qualname__} failed, it runs eagerly (slower): {error}", stacklevel=2)
+                graph = fn
+                return fn(*args)
+
+    return run

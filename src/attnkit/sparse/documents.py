@@ -59,8 +59,11 @@ class Documents(Pattern):
             return lengths.to(device)
         return lengths.pin_memory().to(device, non_blocking=True)
 
-    def _ends(self, device) -> torch.Tensor:
-        return self._lengths_on(device).cumsum(0)
+    def _state_inputs(self, kv_len, device):
+        """``lengths`` as an ``(n,)`` int64 tensor: an input of ``_states``, so one compiled graph
+        serves documents of any lengths (read from ``self``, they would be constants)."""
+        self._check_total(kv_len)
+        return (self._lengths_on(device),)
 
     def _allowed(self, kv_len, device):
         self._check_total(kv_len)
@@ -75,9 +78,10 @@ class Documents(Pattern):
 
         return allowed
 
-    def _states(self, grid: Grid):
-        self._check_total(grid.kv_len)
-        ends = self._ends(grid.device)
+    def _states(self, grid: Grid, lengths: torch.Tensor | None = None):
+        if lengths is None:
+            (lengths,) = self._state_inputs(grid.kv_len, grid.device)
+        ends = lengths.cumsum(0)
         (q_first, q_last), (kv_first, kv_last) = grid.q_range, grid.kv_range
         doc = lambda positions: torch.searchsorted(ends, positions, right=True)  # noqa: E731
         dq_first, dq_last, dk_first, dk_last = doc(q_first), doc(q_last), doc(kv_first), doc(kv_last)

@@ -27,7 +27,8 @@ import torch
 
 from attnkit.errors import InvalidTypeError, check_arg, fail
 from attnkit.ops.cache import on_clear
-from attnkit.sparse.blocks import EMPTY, FULL, PARTIAL, Grid, MaskFn, block_mask_from_states, both, classify, computed_elements, either, refine
+from attnkit.sparse.blocks import (EMPTY, FULL, PARTIAL, Grid, MaskFn, block_mask_from_states, block_mask_from_tables, block_tables, both, classify,
+                                   computed_elements, either, on_device, refine)
 
 __all__ = ["Pattern", "Union", "Intersection", "Causal", "SlidingWindow", "Dilated", "GlobalTokens", "PrefixLM", "check_count"]
 
@@ -58,15 +59,25 @@ class Pattern:
     """Base of static patterns; subclasses are frozen dataclasses defining ``_allowed`` and ``_states``."""
 
     _exact_states: ClassVar[bool] = False
-    """True when ``_states`` never returns UNKNOWN, so :func:`refine` (a host sync on CUDA) is skipped."""
+    """True when ``_states`` never returns UNKNOWN, so :func:`refine` (a host sync on CUDA) is skipped
+    and, on CUDA, a new length's states and tables come from one compiled graph (``_exact_tables``)."""
 
     def _allowed(self, kv_len: int, device: torch.device) -> MaskFn:
         """``allowed(q_pos, kv_idx) -> bool`` for sequences of ``kv_len`` keys."""
         raise NotImplementedError
 
     def _states(self, grid: Grid) -> torch.Tensor:
-        """``(nQ, nKV)`` int8 block states (UNKNOWN allowed; :meth:`block_states` refines them)."""
+        """``(nQ, nKV)`` int8 block states (UNKNOWN allowed; :meth:`block_states` refines them).
+
+        Exact patterns take the tensors of :meth:`_state_inputs` as further arguments (and make them
+        when not given): in a compiled graph, values read from ``self`` are constants that each
+        new value would recompile.
+        """
         raise NotImplementedError
+
+    def _state_inputs(self, kv_len: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Tensors an exact pattern's ``_states`` reads that change with the sequence (none by default)."""
+        return ()
 
     # composition ----------------------------------------------------------------------------
     def __or__(self, other: Pattern) -> Union:
@@ -123,7 +134,8 @@ class Pattern:
         ``shape`` is ``(q_len, kv_len)`` or ``attention()``'s ``(batch, heads, q_len, kv_len)``; the mask
         is shared by every batch entry and head (its B and H are 1). Cached per (pattern, lengths,
         block size, device): a repeated call costs a dictionary lookup, a new length a few
-        block-level tensor ops (no compilation).
+        block-level tensor ops. On CUDA those are one compiled graph (``blocks.on_device``): the
+        first call compiles it (seconds, once per pattern value; later lengths reuse it).
         """
         if len(shape) not in (2, 4):
             fail("shape", "(q_len, kv_len) or (batch, heads, q_len, kv_len)", shape)
@@ -168,9 +180,19 @@ def _block_mask_cached(pattern: Pattern, q_len: int, kv_len: int, block_q: int, 
     # Not create_block_mask(mask_mod, ...): it evaluates the mask_mod on all Sq x Skv elements
     # (10-18 ms per call on an H100 after a 0.3-6 s compile, 128 GiB at 128k uncompiled). The block
     # states give kv_num_blocks / kv_indices (and the FULL-block tables) directly.
-    grid = Grid(q_len, kv_len, block_q, block_kv, device)
+    grid, mask_mod = Grid(q_len, kv_len, block_q, block_kv, device), pattern.mask_mod(q_len, kv_len, device)
+    if pattern._exact_states:  # states and tables in one graph (compiled on CUDA)
+        inputs = pattern._state_inputs(kv_len, device)
+        return block_mask_from_tables(on_device(_exact_tables, device)(pattern, q_len, kv_len, block_q, block_kv, device, inputs), grid, mask_mod)
     states = _states_cached(pattern, q_len, kv_len, block_q, block_kv, device)
-    return block_mask_from_states(states[None, None], grid, pattern.mask_mod(q_len, kv_len, device))
+    return block_mask_from_states(states[None, None], grid, mask_mod)
+
+
+def _exact_tables(pattern: Pattern, q_len: int, kv_len: int, block_q: int, block_kv: int, device: torch.device,
+                  inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """:func:`block_tables` of an exact pattern's states. Lengths are arguments (symbolic when
+    compiled, so one graph serves every length); the pattern's own fields are guarded constants."""
+    return block_tables(pattern._states(Grid(q_len, kv_len, block_q, block_kv, device), *inputs)[None, None])
 
 
 on_clear(_states_cached.cache_clear)
