@@ -2,19 +2,23 @@
 
     PYTHONPATH=src python benchmarks/fp8/run.py --probe --table --out $OUT     # layouts + auto-filter table
     PYTHONPATH=src python benchmarks/fp8/run.py --anchors --out $OUT           # issue 12's anchor table
+    PYTHONPATH=src python benchmarks/fp8/run.py --eager --out $OUT             # the block without torch.compile
 
 ``--probe``: which ``_scaled_mm`` scalings and layouts this GPU/torch runs (blockwise included).
 ``--table``: speed-up grid for ``attnkit.fp8.auto_filter`` (copy ``fp8-table-*.json`` to
 ``src/attnkit/fp8/speedup_table.json``). ``--anchors``: the issue's linear shapes (one
 ``torch.compile(dynamic=True)`` graph per variant serves all of them) and the Llama-style block
-(static compile, plus eager bf16/tensorwise). Every variant is compiled; times are medians of CUDA
-events around one fwd+bwd each. One JSON record per mode: device, torch, date, command, shapes, ms,
+(static compile, plus eager bf16/tensorwise); there every variant is compiled. ``--eager``: the
+Llama-style block without ``torch.compile``: bf16, each recipe (fused Triton casts where triton imports),
+tensorwise and rowwise again on the torch casts, torchao's recipes when importable. Times are medians of
+CUDA events around one fwd+bwd each. One JSON record per mode: device, torch, date, command, shapes, ms,
 TFLOP/s (GEMM FLOPs: 6 M K N per linear), speed-ups over bf16 measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -24,6 +28,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 try:
     import attnkit  # noqa: F401
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import attnkit.fp8.linear
 from attnkit.fp8 import (Float8TrainingConfig, Granularity, conversion_plan, convert_to_float8_training,
                          native_blockwise_support, quantize, scaled_gemm)
 
@@ -51,6 +57,14 @@ def _torchao():
         return torchao.__version__, Float8LinearConfig, ao_convert
     except Exception as err:  # noqa: BLE001 - any import failure means "no peer"
         return f"unavailable: {type(err).__name__}: {err}", None, None
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception as err:  # noqa: BLE001 - no triton: Float8Linear runs the torch casts in eager mode
+        return f"unavailable: {type(err).__name__}: {err}"
 
 
 def _variants(tokens: int, with_torchao: bool) -> dict:
@@ -124,6 +138,26 @@ class _LlamaBlock(nn.Module):
         x = x + self.wo(a)
         h = self.n2(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+def _block_case():
+    """The bf16 block on the GPU, its input (16k tokens), upstream gradient, and GEMM FLOPs of one fwd+bwd."""
+    tokens, d, hidden = 16384, 4096, 14336
+    b, s = tokens // 2048, 2048
+    flops = 6 * tokens * (4 * d * d + 3 * d * hidden)
+    torch.manual_seed(0)
+    base = _LlamaBlock(d, hidden).to("cuda", torch.bfloat16)
+    x = torch.randn(b, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return base, x, torch.randn_like(x), flops
+
+
+def _time_block(fn, x, grad, flops: int, args) -> dict | str:
+    """ms and linear TFLOP/s of one fwd+bwd of ``fn``, or why it failed."""
+    try:
+        t = _median_ms(_fwd_bwd(fn, x, grad), args.warmup, args.reps)
+    except Exception as exc:  # noqa: BLE001
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return {"ms": round(t, 3), "tflops_linear": round(flops / t / 1e9, 1)}
 
 
 # ---------------------------------------------------------------------------- modes
@@ -219,13 +253,7 @@ def anchors(args, save) -> dict:
         save(out)
         print(name, rows, flush=True)
 
-    tokens, d, hidden = 16384, 4096, 14336
-    b, s = tokens // 2048, 2048
-    flops = 6 * tokens * (4 * d * d + 3 * d * hidden)
-    torch.manual_seed(0)
-    base = _LlamaBlock(d, hidden).to("cuda", torch.bfloat16)
-    x = torch.randn(b, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn_like(x)
+    base, x, grad, flops = _block_case()
     compiled = ("bf16", "attnkit:tensorwise", "torchao:tensorwise", "attnkit:tensorwise+auto",
                 "attnkit:rowwise", "torchao:rowwise")
     modes = [(name, variants[name], False) for name in ("bf16", "attnkit:tensorwise")]
@@ -238,14 +266,10 @@ def anchors(args, save) -> dict:
         torch._dynamo.reset()
         module = convert(copy.deepcopy(base))
         fn = torch.compile(module) if compiled else module
-        try:
-            t = _median_ms(_fwd_bwd(fn, x, grad), args.warmup, args.reps)
-            out["llama_block"][key] = {"ms": round(t, 3), "tflops_linear": round(flops / t / 1e9, 1)}
-            if name.endswith("+auto"):
-                plan = conversion_plan(copy.deepcopy(base), config=Float8TrainingConfig(auto_filter=True))
-                out["llama_block"][key]["kept_bf16"] = {k: v for k, v in plan.items() if v}
-        except Exception as exc:  # noqa: BLE001
-            out["llama_block"][key] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        out["llama_block"][key] = _time_block(fn, x, grad, flops, args)
+        if name.endswith("+auto") and isinstance(out["llama_block"][key], dict):
+            plan = conversion_plan(copy.deepcopy(base), config=Float8TrainingConfig(auto_filter=True))
+            out["llama_block"][key]["kept_bf16"] = {k: v for k, v in plan.items() if v}
         _speedups(out)
         save(out)
         print(key, out["llama_block"][key], flush=True)
@@ -254,8 +278,32 @@ def anchors(args, save) -> dict:
     return out
 
 
+def eager_block(args, save) -> dict:
+    """The Llama-style block without torch.compile: bf16, every recipe, torch-cast baselines, torchao."""
+    out = {"llama_block": {}, "casts": f"fused Triton casts (triton {_triton_version()}) unless 'torch-casts'"}
+    variants = _variants(16384, not args.no_torchao)
+    base, x, grad, flops = _block_case()
+    modes = [(name, convert, False) for name, convert in variants.items() if "+auto" not in name]
+    # the same recipes with Float8Linear's Triton dispatch switched off: what the fused casts save
+    modes += [(name, variants[name], True) for name in ("attnkit:tensorwise", "attnkit:rowwise")]
+    for name, convert, torch_casts in modes:
+        key = f"{name}{'/torch-casts' if torch_casts else ''} (eager)"
+        module = convert(copy.deepcopy(base))
+        casts = (mock.patch.object(attnkit.fp8.linear, "_fused_casts", lambda t, granularity: None)
+                 if torch_casts else contextlib.nullcontext())
+        with casts:
+            out["llama_block"][key] = _time_block(module, x, grad, flops, args)
+        del module
+        _speedups(out)
+        save(out)
+        print(key, out["llama_block"][key], flush=True)
+    return out
+
+
 def _speedups(out: dict) -> None:
     for section in ("linear", "llama_block"):
+        if section not in out:
+            continue
         res = out[section]
         if section == "linear":
             base = res.get("bf16", {})
@@ -279,6 +327,7 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--anchors", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="the Llama-style block without torch.compile")
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao peer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
@@ -291,9 +340,9 @@ def main() -> None:
     slug = re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-")
     date = datetime.date.today().isoformat()
     header = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda, "date": date,
-              "command": "python " + " ".join(sys.argv), "torchao": _torchao()[0]}
+              "command": "python " + " ".join(sys.argv), "torchao": _torchao()[0], "triton": _triton_version()}
     args.out.mkdir(parents=True, exist_ok=True)
-    for mode, fn in (("probe", probe), ("table", table), ("bench", anchors)):
+    for mode, fn in (("probe", probe), ("table", table), ("bench", anchors), ("eager", eager_block)):
         if not getattr(args, "anchors" if mode == "bench" else mode):
             continue
         path = args.out / f"fp8-{mode}-{slug}-{date}.json"

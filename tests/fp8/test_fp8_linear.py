@@ -156,3 +156,28 @@ def test_compiles_without_graph_breaks(name):
     torch.testing.assert_close(compiled.weight.grad, eager.weight.grad)
     if eager.fp8_amax_history is not None:
         torch.testing.assert_close(compiled.fp8_amax_history, eager.fp8_amax_history)
+
+
+def _grads(name: str, x_grad: bool, w_grad: bool, grad_mode: bool = True):
+    """One fwd(+bwd) of a CPU Float8Linear on fixed data: (out, x.grad, weight.grad, bias.grad)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    layer = Float8Linear.from_float(nn.Linear(K, N), _config(name))
+    layer.weight.requires_grad_(w_grad)
+    x = torch.randn(M, K, generator=gen).bfloat16().requires_grad_(x_grad)
+    with torch.set_grad_enabled(grad_mode):
+        out = layer(x)
+    if out.requires_grad:
+        out.backward(torch.randn(M, N, generator=gen).bfloat16())
+    return out, x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("name", NATIVE_CPU)
+def test_only_needed_gradients_are_computed_and_unchanged(name):
+    full = _grads(name, True, True)
+    frozen_w, no_x_grad, inference = _grads(name, True, False), _grads(name, False, True), _grads(name, True, True, False)
+    assert frozen_w[2] is None and no_x_grad[1] is None and inference[1:] == (None, None, None)
+    for got in (frozen_w, no_x_grad, inference):
+        assert torch.equal(got[0], full[0])
+    assert torch.equal(frozen_w[1], full[1]) and torch.equal(no_x_grad[2], full[2])
+    assert torch.equal(frozen_w[3], full[3]) and torch.equal(no_x_grad[3], full[3])

@@ -4,7 +4,7 @@ Usage (torchao's convention)::
 
     config = Float8TrainingConfig.from_recipe_name("tensorwise", auto_filter=True)
     model = convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head")
-    model = torch.compile(model)          # fuses amax + scale + cast; eager FP8 is slower than bf16
+    model = torch.compile(model)          # optional: eager mode casts with fused Triton kernels on CUDA
     step = Float8TrainStep(model, optimizer)
     loss.backward(); step()
 """

@@ -11,14 +11,21 @@ grad_in   dy (M, N)      W^T (K, N)        tensor | row | 1x128 x 128x128
 grad_w    dy^T (N, M)    x^T (K, M)        tensor | row (hp for _gw_hp) | 1x128 x 1x128
 ======== ============== ================= =====================================
 
-Tensorwise and delayed quantise each tensor once and reuse the FP8 data transposed (and save FP8
-activations for backward); rowwise and blockwise re-quantise along the other axis. Overflow policy: an
-operand whose amax is inf/NaN is counted in ``fp8_overflow_counts`` (x, weight, grad_output) and gets a
-NaN scale, so the layer's output (or gradient) is non-finite and the step helper skips the step;
-delayed scaling never records a non-finite amax in its history.
+Tensorwise and delayed quantise each tensor once, writing the transposed FP8 copy the other GEMM needs
+in the same pass, and save the FP8 transposes of x and W for backward; rowwise and blockwise re-quantise
+along the other axis. In eager mode on CUDA, tensor and row scales run on the fused Triton casts of
+:mod:`attnkit.fp8.triton_cast` (same bytes as the torch ops); under ``torch.compile`` the torch ops run and
+Inductor fuses them.
+
+Overflow policy: an operand whose amax is inf/NaN is counted in ``fp8_overflow_counts`` (x, weight,
+grad_output) and gets a NaN scale, so the layer's output (or gradient) is non-finite and the step helper
+skips the step; delayed scaling never records a non-finite amax in its history.
 """
 
 from __future__ import annotations
+
+import functools
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -42,68 +49,102 @@ _FORWARD_GRANULARITY = {
 }
 
 
+@functools.cache
+def _triton_cast_module() -> ModuleType | None:
+    """:mod:`attnkit.fp8.triton_cast`, or None where triton does not import."""
+    try:
+        from attnkit.fp8 import triton_cast
+    except ImportError:
+        return None
+    return triton_cast
+
+
+def _fused_casts(t: torch.Tensor, granularity: Granularity) -> ModuleType | None:
+    """The Triton casts where they apply: eager (Inductor fuses the torch ops itself), CUDA, tensor/row scales."""
+    if torch.compiler.is_compiling() or not t.is_cuda or granularity not in (Granularity.TENSOR, Granularity.ROW):
+        return None
+    return _triton_cast_module()
+
+
 def _quantize(t: torch.Tensor, dtype: torch.dtype, granularity: Granularity, config: Float8TrainingConfig,
-              role: int, history: torch.Tensor | None, counts: torch.Tensor | None) -> Quantized:
-    """Quantise an outer-major operand, counting a non-finite amax and applying delayed scaling."""
-    amax = compute_amax(t, granularity)
-    if counts is not None:
-        counts[role] += (~torch.isfinite(amax)).any().to(counts.dtype)
+              role: int, history: torch.Tensor | None, counts: torch.Tensor | None,
+              with_t: bool = False) -> tuple[Quantized, Quantized | None]:
+    """Quantise an outer-major operand (and, ``with_t``, tensorwise only, its transpose), applying delayed
+    scaling and counting a non-finite amax."""
+    amax = None
     if history is not None:
+        current = compute_amax(t, granularity)
         past = history[role].amax()
-        use = torch.where(past > 0, past, amax)  # the first step bootstraps from the current amax
-        use = torch.where(torch.isfinite(amax), use, amax)  # keep overflow visible (NaN scale)
-        update_amax_history(history[role], amax)
-        amax = use
-    return quantize(t, dtype, granularity, amax=amax, power_of_2=config.power_of_2_scales)
+        amax = torch.where(past > 0, past, current)  # the first step bootstraps from the current amax
+        amax = torch.where(torch.isfinite(current), amax, current)  # keep overflow visible (NaN scale)
+        update_amax_history(history[role], current)
+    fused = _fused_casts(t, granularity)
+    if fused is not None:
+        q, q_t = fused.quantize(t, dtype, granularity, amax=amax, power_of_2=config.power_of_2_scales, with_t=with_t)
+    else:
+        q = quantize(t, dtype, granularity, amax=amax, power_of_2=config.power_of_2_scales)
+        q_t = q.t_tensorwise() if with_t else None
+    if counts is not None:  # the dequantisation scale is NaN exactly where the amax used is not finite
+        counts[role] += q.scale.isnan().any()
+    return q, q_t
 
 
 class _Float8Matmul(torch.autograd.Function):
-    """x (M, K) @ W (N, K)^T + b with all three GEMMs on FP8 operands."""
+    """x (M, K) @ W (N, K)^T + b with all three GEMMs on FP8 operands; only the needed gradients are computed,
+    and only the operands those need are cast (a frozen weight, an input without grad, inference)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config, history, counts):
+    def forward(ctx, x, weight, bias, config, history, counts, grad_enabled):
+        need_x, need_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         fwd = config.forward_format.dtype
         gx, gw = _FORWARD_GRANULARITY[config.recipe]
-        xq = _quantize(x, fwd, gx, config, _X, history, counts)
-        wq = _quantize(weight, fwd, gw, config, _W, history, counts)
+        tensorwise = gx is Granularity.TENSOR
+        xq, xq_t = _quantize(x, fwd, gx, config, _X, history, counts, with_t=tensorwise and need_w)
+        wq, wq_t = _quantize(weight, fwd, gw, config, _W, history, counts, with_t=tensorwise and need_x)
         out = scaled_gemm(xq, wq, x.dtype, bias=bias, fast_accum=config.fast_accum_forward, emulate=config.emulate)
         ctx.config, ctx.history, ctx.counts = config, history, counts
         ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype)
-        if gx is Granularity.TENSOR:  # reuse the FP8 operands (half the saved bytes of bf16)
-            ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        if tensorwise:  # backward reads only the FP8 transposes (half the saved bytes of bf16)
+            ctx.save_for_backward(None if xq_t is None else xq_t.data, xq.scale, None if wq_t is None else wq_t.data,
+                                  wq.scale)
         else:
-            ctx.save_for_backward(x, weight)
+            ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         config, history, counts = ctx.config, ctx.history, ctx.counts
         fwd, bwd, emulate = config.forward_format.dtype, config.grad_format.dtype, config.emulate
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype = ctx.dtypes
         recipe = config.recipe
+        grad_x = grad_w = None
         if recipe in (Recipe.TENSORWISE, Recipe.DELAYED):
-            x_data, x_scale, w_data, w_scale = ctx.saved_tensors
-            xq = Quantized(x_data, x_scale, Granularity.TENSOR)
-            wq = Quantized(w_data, w_scale, Granularity.TENSOR)
-            gq = _quantize(grad_out, bwd, Granularity.TENSOR, config, _G, history, counts)
-            grad_x = scaled_gemm(gq, wq.t_tensorwise(), x_dtype, emulate=emulate)
-            grad_w = scaled_gemm(gq.t_tensorwise(), xq.t_tensorwise(), w_dtype, emulate=emulate)
+            x_t, x_scale, w_t, w_scale = ctx.saved_tensors
+            gq, gq_t = _quantize(grad_out, bwd, Granularity.TENSOR, config, _G, history, counts, with_t=need_w)
+            if need_x:  # dy (M, N) @ (W^T (K, N))^T
+                grad_x = scaled_gemm(gq, Quantized(w_t, w_scale, Granularity.TENSOR), x_dtype, emulate=emulate)
+            if need_w:  # dy^T (N, M) @ (x^T (K, M))^T
+                grad_w = scaled_gemm(gq_t, Quantized(x_t, x_scale, Granularity.TENSOR), w_dtype, emulate=emulate)
         else:
             x, weight = ctx.saved_tensors
             block = recipe is Recipe.BLOCKWISE
             g_gran = Granularity.BLOCK_1X128 if block else Granularity.ROW
             w_gran = Granularity.BLOCK_128X128 if block else Granularity.ROW
-            gq = _quantize(grad_out, bwd, g_gran, config, _G, None, counts)
-            wq = _quantize(weight.t(), fwd, w_gran, config, _W, None, None)
-            grad_x = scaled_gemm(gq, wq, x_dtype, emulate=emulate)
-            if recipe is Recipe.ROWWISE_WITH_GW_HP:
+            g_counts = counts  # grad_output's overflow is counted by its first cast
+            if need_x:
+                gq, _ = _quantize(grad_out, bwd, g_gran, config, _G, None, g_counts)
+                wq, _ = _quantize(weight.t(), fwd, w_gran, config, _W, None, None)
+                grad_x = scaled_gemm(gq, wq, x_dtype, emulate=emulate)
+                g_counts = None
+            if need_w and recipe is Recipe.ROWWISE_WITH_GW_HP:
                 grad_w = (grad_out.t() @ x.to(grad_out.dtype)).to(w_dtype)
-            else:
-                gtq = _quantize(grad_out.t(), bwd, g_gran, config, _G, None, None)
-                xtq = _quantize(x.t(), fwd, g_gran, config, _X, None, None)
+            elif need_w:
+                gtq, _ = _quantize(grad_out.t(), bwd, g_gran, config, _G, None, g_counts)
+                xtq, _ = _quantize(x.t(), fwd, g_gran, config, _X, None, None)
                 grad_w = scaled_gemm(gtq, xtq, w_dtype, emulate=emulate)
-        grad_b = grad_out.sum(0).to(w_dtype) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None
+        grad_b = grad_out.sum(0).to(w_dtype) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _init_float8_state(module: nn.Module, config: Float8TrainingConfig, device: torch.device) -> None:
@@ -138,7 +179,8 @@ def _float8_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bi
     if x2d.shape[0] % module.config.block_size:
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     with torch.autocast(device, enabled=False):  # the FP8 math picks its own dtypes
-        out = _Float8Matmul.apply(x2d, weight, bias, module.config, module.fp8_amax_history, module.fp8_overflow_counts)
+        out = _Float8Matmul.apply(x2d, weight, bias, module.config, module.fp8_amax_history, module.fp8_overflow_counts,
+                                  torch.is_grad_enabled())
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

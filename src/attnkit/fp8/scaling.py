@@ -56,17 +56,19 @@ class Quantized(NamedTuple):
 
 
 def compute_amax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """Max |x| of an outer-major ``(outer, inner)`` tensor per scale cell, float32, shape of the scale."""
-    a = x.abs()
+    """Max |x| of an outer-major ``(outer, inner)`` tensor per scale cell, float32, shape of the scale.
+
+    One reduction kernel in eager mode (the inf-norm, NaN-propagating like ``amax``), no ``abs`` temporary.
+    """
     if granularity is Granularity.TENSOR:
-        out = a.amax()
+        view, dims, keep = x, None, False
     elif granularity is Granularity.ROW:
-        out = a.amax(dim=1, keepdim=True)
+        view, dims, keep = x, 1, True
     elif granularity is Granularity.BLOCK_1X128:
-        out = a.unflatten(1, (-1, BLOCK)).amax(dim=2)
+        view, dims, keep = x.unflatten(1, (-1, BLOCK)), 2, False
     else:
-        out = a.unflatten(1, (-1, BLOCK)).unflatten(0, (-1, BLOCK)).amax(dim=(1, 3))
-    return out.float()
+        view, dims, keep = x.unflatten(1, (-1, BLOCK)).unflatten(0, (-1, BLOCK)), (1, 3), False
+    return torch.linalg.vector_norm(view, float("inf"), dim=dims, keepdim=keep).float()
 
 
 def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype, *, power_of_2: bool = False) -> torch.Tensor:
@@ -106,11 +108,17 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, granularity: Granularity, *,
         Values beyond the FP8 range saturate to +-max; NaN stays NaN; a non-finite amax sets the scale NaN.
     """
     current = compute_amax(x, granularity) if amax is None else amax
-    scale = amax_to_scale(current, dtype, power_of_2=power_of_2)
+    scale, inverse = scales(current, dtype, power_of_2=power_of_2)
     fmax = torch.finfo(dtype).max
     data = _times(x.float(), scale, granularity).clamp(-fmax, fmax).to(dtype).contiguous()
-    inverse = torch.where(torch.isfinite(current), scale.reciprocal(), torch.full_like(scale, float("nan")))
     return Quantized(data, inverse, granularity)
+
+
+def scales(amax: torch.Tensor, dtype: torch.dtype, *, power_of_2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, inverse)`` float32 for an amax of any shape: what the data is multiplied by before the cast,
+    and the dequantisation scale (its reciprocal; NaN where the amax is not finite)."""
+    scale = amax_to_scale(amax, dtype, power_of_2=power_of_2)
+    return scale, torch.where(torch.isfinite(amax), scale.reciprocal(), torch.full_like(scale, float("nan")))
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
