@@ -6,6 +6,7 @@ translated once, in :mod:`attnkit.nn.masks`, to the ops convention (bool True = 
 
 from attnkit.nn.config import MultiHeadAttentionConfig
 from attnkit.nn.convert import from_torch, swap_attention, to_torch
+from attnkit.nn.fast_path import why_not_fast_path
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.multihead import MultiHeadAttention
 from attnkit.nn.nested import disable_nested_tensor
@@ -14,6 +15,7 @@ __all__ = [
     # layers
     "MultiHeadAttention",
     "MultiHeadAttentionConfig",
+    "why_not_fast_path",
     # incremental decoding and streaming
     "KVCache",
     # torch interop

@@ -12,8 +12,7 @@ from torch import nn
 
 from attnkit.discover import SiteRecord
 from attnkit.errors import check_arg, check_type
-from attnkit.nn import MultiHeadAttention
-from attnkit.nn.fast_path import why_not_fast_path
+from attnkit.nn import MultiHeadAttention, why_not_fast_path
 from attnkit.ops import BACKENDS, select_backend
 from attnkit.optimize.config import OptimizeConfig
 from attnkit.optimize.equivalence import check_equivalence
