@@ -23,7 +23,6 @@ import copy
 import datetime
 import json
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnkit.fp8.linear
+from attnkit.bench import time_fn
 from attnkit.fp8 import (Float8TrainingConfig, Granularity, conversion_plan, convert_to_float8_training,
                          native_blockwise_support, quantize, scaled_gemm)
 
@@ -87,18 +87,8 @@ def _variants(tokens: int, with_torchao: bool) -> dict:
 
 # ---------------------------------------------------------------------------- timing
 def _median_ms(step, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median CUDA-event ms of ``step`` (the project's one timer, ``attnkit.bench.time_fn``)."""
+    return time_fn(step, warmup=warmup, repeats=reps, device="cuda").median_ms
 
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):

@@ -5,7 +5,7 @@
 
 Per message size: the time of one ring step (``RingComm``: send to the next rank, receive from the
 previous) and of one ``all_to_all_single``, as the median of CUDA-event times over ``--repeats``
-calls, and the bandwidth each rank sends at (bytes leaving the rank / time; an all-to-all's share
+calls (``attnkit.bench.time_fn``), and the bandwidth each rank sends at (bytes leaving the rank / time; an all-to-all's share
 for itself never crosses a link and is not counted). Appends one JSON line per run (label, NCCL
 variables set, rows) to ``parallel-link-<device>-<W>gpu-<date>.jsonl`` under ``--out``, so runs
 under several settings land in one file.
@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,22 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from attnkit.bench import time_fn  # noqa: E402
 from attnkit.parallel.comm import RingComm  # noqa: E402
-
-
-def _timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,8 +50,8 @@ def main() -> None:
             comm.wait()
 
         received = torch.empty_like(x)
-        ring_ms = _timed(ring_step, args.repeats)
-        a2a_ms = _timed(lambda: dist.all_to_all_single(received, x), args.repeats)
+        ring_ms = time_fn(ring_step, warmup=3, repeats=args.repeats).median_ms
+        a2a_ms = time_fn(lambda: dist.all_to_all_single(received, x), warmup=3, repeats=args.repeats).median_ms
         sent = x.numel() * x.element_size()
         worst = torch.tensor([ring_ms, a2a_ms], device="cuda")
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)

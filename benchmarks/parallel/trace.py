@@ -5,7 +5,7 @@
 
 Each (method, length) cell runs the benchmark's own step (``run.py``'s inputs and shards), warms up,
 then profiles ``--steps`` steps with ``torch.profiler``. Per rank: the median wall time per step
-(CUDA events), and the GPU time per step of attention kernels, NCCL kernels (which run on their own
+(CUDA events, ``attnkit.bench.time_fn``), and the GPU time per step of attention kernels, NCCL kernels (which run on their own
 stream, so they may overlap the rest) and everything else (copies, merges, casts), plus the ten
 longest kernels. ``busy_pct`` = (attention + other) / wall is how full the compute stream is;
 what is missing is time the compute stream waited (on a transfer or the host). Writes
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import run as bench  # noqa: E402  (the benchmark's inputs, methods and environm
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from attnkit.bench import time_fn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 _ATTENTION = ("cudnn", "flash", "fmha", "attention", "sdpa", "sm90_", "cutlass")
@@ -43,15 +43,8 @@ def _cell(args, seq: int, method: str, rank: int, world_size: int, out: Path) ->
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            walls.append(start.elapsed_time(end))
+        wall = time_fn(step, warmup=0, repeats=args.steps, device="cuda").median_ms
     kinds = {"attention": 0.0, "nccl": 0.0, "other": 0.0}
     kernels = []
     for event in prof.key_averages():
@@ -62,7 +55,6 @@ def _cell(args, seq: int, method: str, rank: int, world_size: int, out: Path) ->
         kernels.append((device_us / 1000 / args.steps, event.count // args.steps, event.key[:120]))
     if rank == 0:
         prof.export_chrome_trace(str(out / f"trace-{method.replace(' ', '_')}-{seq}-rank0.json"))
-    wall = statistics.median(walls)
     busy = kinds["attention"] + kinds["other"]
     return {
         "wall_ms": wall,
