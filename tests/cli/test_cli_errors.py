@@ -61,6 +61,7 @@ BEFORE_BUILD = [
     (["optimize", "gpt2", "--backend", "fastest"], "--backend"),
     (["optimize", "gpt2", "--compile-mode", "turbo"], "--compile-mode"),
     (["optimize", "gpt2", "--device", "cpu", "--no-select", "--compile-mode", "default", "--compile-mode", "max-autotune"], "--compile-mode"),
+    (["optimize", "gpt2", "--fp8", "bogus"], "--fp8"),
     (["optimize", "gpt2", "--dtype", "int8"], "--dtype"),
     (["optimize", "gpt2", "--json", "{tmp}"], "--json"),
     (["optimize", "gpt2", "--json", "{tmp}/no-such-dir/r.json"], "--json"),

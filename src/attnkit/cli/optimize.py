@@ -28,6 +28,10 @@ def register(app: typer.Typer) -> None:
         select: Optional[bool] = typer.Option(
             None, "--select/--no-select", help="Time original vs rewritten (and both compiled with --compile); keep the fastest proven one (default: on for cuda)."
         ),
+        fp8: Optional[str] = typer.Option(
+            None, "--fp8", help="Also build an FP8 inference variant with this recipe (tensorwise, rowwise, rowwise_with_gw_hp, blockwise, "
+            "delayed) and report its accuracy and speed next to the exact result; approximate, so never picked, never saved. Needs CUDA sm89+.",
+        ),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
         save: Optional[Path] = typer.Option(
             None, "--save", help="Save the optimized model to this directory (original weight names; reload with attnkit.optimize.load_optimized)."
@@ -38,10 +42,11 @@ def register(app: typer.Typer) -> None:
 
         check_inputs(models=model, batch=batch, seq=seq, device=device, backend=backend, outputs={"--json": json_path}, output_dirs={"--save": save})
         from attnkit.errors import check_arg
-        from attnkit.optimize.config import COMPILE_MODES
+        from attnkit.optimize.config import COMPILE_MODES, FP8_RECIPES
 
         for mode in compile_modes or ():
             check_arg(mode in COMPILE_MODES, "--compile-mode", f"one of {', '.join(COMPILE_MODES)}", mode)
+        check_arg(fp8 is None or fp8 in FP8_RECIPES, "--fp8", f"one of {', '.join(FP8_RECIPES)}", fp8)
 
         import torch
         from rich.console import Console
@@ -55,7 +60,7 @@ def register(app: typer.Typer) -> None:
         modes = tuple(compile_modes or (("default",) if compile_model else ()))
         check_arg(len(modes) <= 1 or select, "--compile-mode", "one mode, or several together with --select", f"{len(modes)} modes without --select")
         compile_arg = "none" if not modes else modes[0] if len(modes) == 1 and not select else modes
-        config = OptimizeConfig(dtype=dtype, backend=backend, compile=compile_arg, check=check, select=select)
+        config = OptimizeConfig(dtype=dtype, backend=backend, compile=compile_arg, check=check, select=select, fp8=fp8)
         with console.status(f"building {model} (batch {batch}) on {device}"):
             zoo = build_model(model, batch_size=batch, seq_len=seq, device=device)
         with console.status("rewriting, checking equivalence" + (", timing" if device.startswith("cuda") or select else "")):

@@ -103,3 +103,20 @@ def native_blockwise_support(device_type: str) -> str | None:
     if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
         return f"{device_type}: blockwise _scaled_mm ran but disagreed with the emulation (layout mismatch)"
     return None
+
+
+_MIN_CAPABILITY = (8, 9)
+"""FP8 tensor cores: Ada (sm89) and Hopper (sm90) onwards."""
+
+
+def fp8_unavailable(device: torch.device, recipe: str) -> str | None:
+    """Why FP8 GEMMs of ``recipe`` cannot run natively on ``device`` (None: they can)."""
+    if device.type != "cuda":
+        return f"FP8 GEMMs need a CUDA GPU with compute capability >= 8.9; the model is on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return f"{name} is sm{capability[0]}{capability[1]}: no FP8 tensor cores (needs sm89+)"
+    if recipe == "blockwise":
+        return native_blockwise_support(device.type)
+    return None

@@ -12,7 +12,7 @@ from attnkit.optimize.config import COMPILE_MODES, PRESETS, OptimizeConfig
 from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.fuse import FusedLinear, FusedProjection, FusionGroup, FusionPlan, FusionRefusal, apply_fusion, plan_fusion
 from attnkit.optimize.hf_interface import ATTNKIT, ATTNKIT_EAGER_MASKS, InterfaceCall, attnkit_attention_forward, record_calls, register
-from attnkit.optimize.report import BackendUse, Check, Latency, OptimizationReport
+from attnkit.optimize.report import BackendUse, Check, Float8Accuracy, Float8Variant, Latency, OptimizationReport
 from attnkit.optimize.patchify import PatchifyGEMM, is_patchify
 from attnkit.optimize.rewrite import Rewrite, Skip, rewrite_modules
 from attnkit.optimize.save import load_optimized, save_optimized
@@ -36,6 +36,8 @@ __all__ = [
     "BackendUse",
     "Selection",
     "Candidate",
+    "Float8Variant",
+    "Float8Accuracy",
     # building blocks
     "rewrite_modules",
     "check_equivalence",

@@ -19,9 +19,9 @@ from attnkit.optimize.equivalence import check_equivalence
 from attnkit.optimize.fuse import apply_fusion, plan_fusion
 from attnkit.optimize.hf_interface import record_calls
 from attnkit.optimize.hf_models import Switch, backend_uses, describe_calls, revert, switch_to_attnkit
-from attnkit.optimize.report import BackendUse, Latency, OptimizationReport
+from attnkit.optimize.report import BackendUse, Float8Variant, Latency, OptimizationReport
 from attnkit.optimize.rewrite import ModuleFilterFn, Skip, nested_tensor_twin, rewrite_modules
-from attnkit.optimize.select import compile_mode_of, compiled, select_variant
+from attnkit.optimize.select import approximate_variants, compile_mode_of, compiled, select_variant
 from attnkit.utils.dtypes import dtype_name, parse_dtype
 from attnkit.utils.modules import model_device, model_dtype
 from attnkit.utils.trees import cast_floating
@@ -71,6 +71,10 @@ def optimize(
         when ``config.inplace``): a rewrite that fails its proof is not kept.
         With ``config.select`` the model is the fastest proven variant (possibly the original,
         unchanged but for ``dtype``), and ``report.selection`` lists every candidate's latency.
+        With ``config.fp8`` (a recipe name), ``report.fp8`` holds the approximate FP8 variant: its
+        accuracy against the original in float64, its speed next to the exact pick's (raced with the
+        others under ``select``, never picked) and the model itself (``report.fp8.model``), or why it
+        was not built. The returned model is the exact one either way.
 
     Example::
 
@@ -116,11 +120,15 @@ def optimize(
             failed = ", ".join(f"{c.what} {c.mode} {c.dtype}" for c in report.checks if not c.passed)
             report.kept = False
             report.notes.append(f"equivalence failed ({failed}): the rewrite is not kept, the original model is returned")
+            if config.fp8 is not None:
+                report.fp8 = Float8Variant(config.fp8, built=False, reason="the exact rewrite failed its equivalence check")
             return _in_dtype(reference, config.dtype), report
     if config.dtype is not None:
         optimized = optimized.to(config.dtype)
     if args is not None:
         _record_backends(optimized, args, kwargs, config, report)
+    if config.fp8 is not None:
+        report.fp8 = _fp8_variant(reference, optimized, args, kwargs, config)
     if config.select and args is not None:
         return _select(reference, optimized, args, kwargs, config, report), report
     if config.select:
@@ -132,7 +140,29 @@ def optimize(
         report.latency = measure_latency(reference, optimized, args, kwargs, config=config)
     elif args is not None and config.measure:
         report.notes.append("latency measured only on CUDA; this model is on the CPU")
+    if report.fp8 is not None and report.fp8.model is not None:
+        report.fp8 = _time_fp8(reference, report.fp8, args, kwargs, config, report.latency)
     return optimized, report
+
+
+def _fp8_variant(reference: nn.Module, exact: nn.Module, args, kwargs: dict, config: OptimizeConfig) -> Float8Variant:
+    """The FP8 variant of the exact model (built, planned, accuracy measured; untimed), or why not."""
+    if args is None:
+        return Float8Variant(config.fp8, built=False, reason="no example inputs (the plan and the accuracy check run on them)")
+    # Imported here: attnkit.fp8 imports attnkit.optimize.fuse, so a top-level import would be circular.
+    from attnkit.optimize.fp8_variant import build_fp8_variant
+
+    return build_fp8_variant(reference, exact, args, kwargs, config)
+
+
+def _time_fp8(reference: nn.Module, variant: Float8Variant, args: tuple, kwargs: dict, config: OptimizeConfig, exact: Latency | None) -> Float8Variant:
+    """Without ``select``: the FP8 variant (compiled like the exact model) timed as the exact model is (CUDA only)."""
+    form, model = list(approximate_variants(variant.model, () if config.compile == "none" else (config.compile,)).items())[-1]
+    if not (config.measure and model_device(variant.model).type == "cuda"):
+        return dataclasses.replace(variant, model=model, form=form)
+    latency = measure_latency(reference, model, args, kwargs, config=config)
+    vs_exact = exact.after_ms / latency.after_ms if exact is not None else None
+    return dataclasses.replace(variant, model=model, form=form, median_ms=latency.after_ms, speedup_vs_eager=latency.speedup, speedup_vs_exact=vs_exact)
 
 
 def _as_args(example_inputs) -> tuple | None:
@@ -198,10 +228,13 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig, report: OptimizationReport) -> nn.Module:
     """The fastest of the original and the rewritten model (eager, and compiled if allowed), timed; recorded in ``report``."""
     a, k = cast_floating(args, config.dtype), cast_floating(kwargs, config.dtype)
+    modes = () if config.compile == "none" else config.compile if isinstance(config.compile, tuple) else (config.compile,)
+    fp8 = report.fp8 if report.fp8 is not None and report.fp8.model is not None else None
+    approximate = approximate_variants(fp8.model, modes) if fp8 is not None else {}
     chosen, selection = select_variant(
         _in_dtype(reference, config.dtype), optimized, lambda module: module(*a, **k), rewrite_passed=report.passed,
-        compile_modes=() if config.compile == "none" else config.compile if isinstance(config.compile, tuple) else (config.compile,),
-        rounds=config.rounds, warmup=config.warmup, repeats=config.repeats, device=model_device(optimized),
+        compile_modes=modes, rounds=config.rounds, warmup=config.warmup, repeats=config.repeats, device=model_device(optimized),
+        approximate=approximate,
     )  # fmt: skip
     report.selection = selection
     report.compiled = compile_mode_of(selection.picked)
@@ -213,7 +246,21 @@ def _select(reference: nn.Module, optimized: nn.Module, args: tuple, kwargs: dic
             str(model_device(optimized)), dtype, timed["eager"].median_ms, timed[selection.picked].median_ms,
             report.compiled != "none", selection.clock,
         )  # fmt: skip
+    if fp8 is not None:
+        report.fp8 = _raced_fp8(fp8, approximate, timed, selection.picked)
     return chosen
+
+
+def _raced_fp8(variant: Float8Variant, forms: dict[str, nn.Module], timed: dict, picked: str) -> Float8Variant:
+    """The fastest raced form of the FP8 variant, with its paired ratio to eager and its ratio to the exact pick."""
+    ran = [timed[name] for name in forms if timed[name].median_ms is not None]
+    if not ran:
+        notes = "; ".join(f"{name}: {timed[name].note}" for name in forms)
+        return dataclasses.replace(variant, model=None, built=False, reason=f"no form of it ran ({notes})")
+    best = min(ran, key=lambda c: c.median_ms)
+    exact_ms = timed[picked].median_ms
+    return dataclasses.replace(variant, model=forms[best.name], form=best.name, median_ms=best.median_ms, speedup_vs_eager=best.speedup,
+                               speedup_vs_exact=None if exact_ms is None else exact_ms / best.median_ms)  # fmt: skip
 
 
 

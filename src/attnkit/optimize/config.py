@@ -7,13 +7,16 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from attnkit.errors import check_arg, check_type
+from attnkit.fp8.config import Recipe
 from attnkit.utils.dtypes import parse_dtype
 
-__all__ = ["OptimizeConfig", "PRESETS", "COMPILE_MODES"]
+__all__ = ["OptimizeConfig", "PRESETS", "COMPILE_MODES", "FP8_RECIPES"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 """``torch.compile`` modes ``compile`` accepts ("default" = ``mode=None``)."""
 _HF_MASKS = ("sdpa", "keep")
+FP8_RECIPES = tuple(recipe.value for recipe in Recipe)
+"""Recipe names ``fp8`` accepts (:meth:`attnkit.fp8.Float8TrainingConfig.from_recipe_name`)."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,21 @@ class OptimizeConfig:
     rounds: int = 5
     """Interleaved timing rounds of ``select`` (each: ``warmup`` + ``repeats`` calls per variant)."""
     seed: int = 0
+    fp8: str | None = None
+    """Also build an FP8 inference variant with this recipe (one of ``FP8_RECIPES``): the exact optimized
+    model with its linears in FP8 where the measured table says FP8 is faster. Approximate, so it never
+    counts as the optimized model: ``report.fp8`` gives its accuracy (vs the original in float64), its
+    speed next to the exact pick's, and the model (``report.fp8.model``). Needs example inputs and CUDA
+    sm89+ (elsewhere the report says why it was not built)."""
+    fp8_emulate: bool = False
+    """Build the FP8 variant on any device with its GEMMs emulated in float32 (the same quantisation; never
+    faster, and every 16-aligned linear is converted, since the speed filter describes real FP8 GEMMs).
+    For tests and for accuracy studies on machines without FP8."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype, allow_none=True))
         check_type(self.backend, str, "backend")
-        for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "patchify_gemm", "select", "inplace", "check", "check_training", "measure"):
+        for name in ("fuse_qkv", "rewrite_mha", "rewrite_hf", "patchify_gemm", "select", "inplace", "check", "check_training", "measure", "fp8_emulate"):
             check_type(getattr(self, name), bool, name)
         check_arg(self.hf_masks in _HF_MASKS, "hf_masks", f"one of {_HF_MASKS}", self.hf_masks)
         modes = self.compile if isinstance(self.compile, tuple) else (self.compile,)
@@ -83,6 +96,9 @@ class OptimizeConfig:
             "compile", f'"none", one of {COMPILE_MODES}, or (with select=True) a tuple of them', self.compile,
         )  # fmt: skip
         check_arg(not isinstance(self.compile, tuple) or self.select, "compile", "one mode (a tuple of modes needs select=True)", self.compile)
+        check_arg(self.fp8 is None or self.fp8 in FP8_RECIPES, "fp8", f"None or a recipe name, one of {list(FP8_RECIPES)}", self.fp8)
+        check_arg(not self.fp8_emulate or self.fp8 is not None, "fp8_emulate", "False unless fp8 names a recipe", self.fp8_emulate,
+                  "Pass fp8='tensorwise' (or another recipe) together with fp8_emulate=True.")
         check_arg(isinstance(self.rounds, int) and self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
         check_arg(self.fp32_rtol > 0, "fp32_rtol", "a float > 0", self.fp32_rtol)
         check_arg(self.dtype_factor >= 1, "dtype_factor", "a float >= 1", self.dtype_factor)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
+
+from torch import nn
 
 from attnkit.optimize.fuse import FusionPlan
 from attnkit.optimize.rewrite import Rewrite, Skip
 from attnkit.optimize.select import Selection
 
-__all__ = ["Check", "Latency", "BackendUse", "OptimizationReport"]
+__all__ = ["Check", "Latency", "BackendUse", "Float8Accuracy", "Float8Variant", "OptimizationReport"]
+
+FP8_LABEL = "FP8 (approximate, on request)"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,81 @@ class BackendUse:
     shape: str
 
 
+@dataclass(frozen=True)
+class Float8Accuracy:
+    """How far the FP8 variant's outputs are from the original's, on the example inputs (eval, no dropout).
+
+    Reference: the original model in float64. Errors are per output tensor; the worst tensor is reported.
+    """
+
+    max_rel: float
+    """``max|fp8 - ref| / max|ref|``."""
+    rel_rms: float
+    """``||fp8 - ref||_2 / ||ref||_2`` (relative RMS error)."""
+    exact_rel_rms: float
+    """The same relative RMS of the exact optimized model in the same dtype: what rounding alone costs."""
+    top1: float | None
+    """Share of positions whose ``logits`` argmax (last axis) agrees with the reference; None without logits."""
+    dtype: str
+    """dtype the FP8 variant's non-GEMM parts and activations ran in."""
+
+
+@dataclass(frozen=True)
+class Float8Variant:
+    """The FP8 inference variant ``OptimizeConfig(fp8=recipe)`` asks for: approximate, so never the returned model.
+
+    Built from a deep copy of the exact optimized model (eager), its ``nn.Linear`` layers and fused projection
+    groups converted by :func:`attnkit.fp8.convert_to_float8_training` where the measured speed table says
+    FP8 is faster at the GEMM's shape (M = the tokens each layer saw on the example inputs).
+    """
+
+    recipe: str
+    built: bool
+    """False when it could not be built (``reason`` says why); the exact result is unaffected."""
+    reason: str = ""
+    emulated: bool = False
+    """GEMMs emulated in float32 (``OptimizeConfig.fp8_emulate``): the FP8 numerics, none of the speed."""
+    converted: int = 0
+    """GEMM layers (linears and fused projection groups) running in FP8."""
+    layers: int = 0
+    """GEMM layers that could be converted (plain ``nn.Linear`` and fused projection groups)."""
+    kept: dict[str, int] = field(default_factory=dict)
+    """Why the others stay in high precision: reason -> how many layers."""
+    accuracy: Float8Accuracy | None = None
+    form: str = ""
+    """The timed form reported (``"fp8"``, ``"fp8+compile"``...): the fastest one raced."""
+    median_ms: float | None = None
+    speedup_vs_eager: float | None = None
+    """``eager_ms / fp8_ms``; with ``select``, the median paired ratio of the race (as for every candidate)."""
+    speedup_vs_exact: float | None = None
+    """``exact_ms / fp8_ms``: against the model ``optimize`` returned (median latencies of the same run)."""
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The FP8 model (the form timed); not serialised, not saved by ``save_optimized``."""
+
+    def to_json(self) -> dict:
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "accuracy")}
+        record["accuracy"] = None if self.accuracy is None else asdict(self.accuracy)
+        return record
+
+    def summary(self) -> str:
+        """One line: what was converted, the accuracy and the speed (or why it was not built)."""
+        if not self.built:
+            return f"{FP8_LABEL}, recipe {self.recipe}: not built: {self.reason}"
+        parts = [f"{FP8_LABEL}, recipe {self.recipe}{' (emulated)' if self.emulated else ''}: "
+                 f"{self.converted}/{self.layers} GEMM layers in FP8"]
+        acc = self.accuracy
+        if acc is not None:
+            top1 = "" if acc.top1 is None else f", top-1 agreement {acc.top1:.1%}"
+            parts.append(f"error vs fp64 original: max rel {acc.max_rel:.1e}, rel RMS {acc.rel_rms:.1e} "
+                         f"(exact {acc.dtype}: {acc.exact_rel_rms:.1e}){top1}")
+        if self.median_ms is not None:
+            vs_exact = "" if self.speedup_vs_exact is None else f", {self.speedup_vs_exact:.2f}x the exact pick"
+            parts.append(f"{self.form} {self.median_ms:.3f} ms: {self.speedup_vs_eager:.2f}x eager{vs_exact}")
+        else:
+            parts.append("not timed")
+        return "; ".join(parts)
+
+
 @dataclass
 class OptimizationReport:
     """Everything `optimize()` did; ``to_json()`` for files, ``render()``/``print`` for people."""
@@ -85,6 +165,8 @@ class OptimizationReport:
     """False when an equivalence check failed and ``optimize`` returned the original model instead."""
     fusion: FusionPlan | None = None
     """Sibling projections fused into one GEMM, and the ones left separate with the reason (None: not tried)."""
+    fp8: Float8Variant | None = None
+    """With ``config.fp8``: the approximate FP8 variant, its accuracy and speed (never the returned model)."""
 
     @property
     def passed(self) -> bool:
@@ -98,7 +180,8 @@ class OptimizationReport:
         return len(self.rewrites) if self.kept else 0
 
     def to_json(self) -> dict:
-        record = asdict(self)
+        record = asdict(dataclasses.replace(self, fp8=None))  # asdict would deep-copy the FP8 model
+        record["fp8"] = None if self.fp8 is None else self.fp8.to_json()
         record["passed"] = self.passed
         record["rewritten"] = self.rewritten
         if self.latency is not None:
@@ -158,6 +241,8 @@ class OptimizationReport:
                 name = f"[bold]{c.name}[/bold]" if c.name == self.selection.picked else c.name
                 table.add_row(name, ms, ratio, "yes" if c.eligible else "no", c.note)
             parts.append(table)
+        if self.fp8 is not None:
+            parts.append(self.fp8.summary())
         if self.fusion is not None and (self.fusion.groups or self.fusion.refused):
             table = Table(title="projections fused (one GEMM per group)", title_justify="left")
             for column in ("module", "projections", "result"):

@@ -162,7 +162,7 @@ def _replay(model: nn.Module, manifest: dict) -> nn.Module:
 
     known = {f.name for f in fields(OptimizeConfig)}
     config = OptimizeConfig(**{k: v for k, v in manifest["config"].items() if k in known})
-    config = replace(config, check=False, measure=False, select=False, compile="none", inplace=True, fuse_qkv=False)
+    config = replace(config, check=False, measure=False, select=False, compile="none", inplace=True, fuse_qkv=False, fp8=None, fp8_emulate=False)
     paths = set(manifest["rewrites"])
     if paths:
         model, _ = optimize(model, config=config, module_filter_fn=lambda module, fqn: fqn in paths)

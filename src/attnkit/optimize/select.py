@@ -11,6 +11,9 @@ The rule (:func:`pick`): a variant wins only if it passed the equivalence checks
 inherit the check of the model they compile), ran faster than the original in **every** round
 and its median paired ratio is at least ``1 + min_gain``; among such variants the highest median
 ratio wins. Otherwise the original is kept: a gain inside the noise is no gain.
+
+Approximate variants (the FP8 model of ``OptimizeConfig.fp8``: ``fp8``, ``fp8+compile``...) race in the
+same rounds, so their times are comparable, but are never eligible: they are reported, not picked.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from torch import nn
 
 from attnkit.bench.race import Entry, race
 
-__all__ = ["Candidate", "Selection", "MIN_GAIN", "pick", "select_variant", "variant_name", "compile_mode_of", "compiled", "build_variants"]
+__all__ = ["Candidate", "Selection", "MIN_GAIN", "pick", "select_variant", "variant_name", "compile_mode_of", "compiled", "build_variants",
+           "approximate_variants", "APPROXIMATE_NOTE"]
 
 MIN_GAIN = 0.02
 """Smallest median speed-up (2%) for which a variant replaces the original."""
+APPROXIMATE_NOTE = "approximate (FP8): reported, never picked"
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,8 @@ class Candidate:
     high: float | None = None
 
     @classmethod
-    def from_entry(cls, entry: Entry, eligible: bool) -> "Candidate":
-        note = entry.error and f"failed: {entry.error}" or ("" if eligible else "failed the equivalence checks")
+    def from_entry(cls, entry: Entry, eligible: bool, why_not: str = "failed the equivalence checks") -> "Candidate":
+        note = entry.error and f"failed: {entry.error}" or ("" if eligible else why_not)
         return cls(entry.name, entry.median_ms, eligible, note, entry.speedup, entry.wins, len(entry.ratios),
                    min(entry.ratios, default=None), max(entry.ratios, default=None))  # fmt: skip
 
@@ -113,6 +118,14 @@ def build_variants(original: nn.Module, rewritten: nn.Module, compile_modes: tup
     return variants
 
 
+def approximate_variants(module: nn.Module, compile_modes: tuple[str, ...], base: str = "fp8") -> dict[str, nn.Module]:
+    """name -> module: ``module`` eager (``base``) and compiled with each mode (``fp8+compile``, ``fp8+compile:<mode>``)."""
+    variants = {base: module}
+    for mode in compile_modes:
+        variants[f"{base}+compile" if mode == "default" else f"{base}+compile:{mode}"] = compiled(module, mode)
+    return variants
+
+
 def select_variant(
     original: nn.Module,
     rewritten: nn.Module,
@@ -124,11 +137,17 @@ def select_variant(
     warmup: int,
     repeats: int,
     device: torch.device,
+    approximate: dict[str, nn.Module] | None = None,
 ) -> tuple[nn.Module, Selection]:
-    """Race the candidates with ``run(module)`` (one inference call) and return ``(picked module, selection)``."""
+    """Race the candidates with ``run(module)`` (one inference call) and return ``(picked module, selection)``.
+
+    ``approximate`` (name -> module, e.g. from :func:`approximate_variants`) race too, never eligible."""
     variants = build_variants(original, rewritten, compile_modes, rewrite_passed)
-    modes = [(module, module.training) for module in (original, rewritten)]
-    for module in (original, rewritten):
+    approximate = approximate or {}
+    variants.update({name: (module, False) for name, module in approximate.items()})
+    raced = (original, rewritten, *approximate.values())
+    modes = [(module, module.training) for module in raced]
+    for module in raced:
         module.eval()
     ready, failed = {}, {}
     try:
@@ -148,7 +167,8 @@ def select_variant(
         for module, training in modes:
             module.train(training)
     entries.update(failed)
-    candidates = [Candidate.from_entry(entries[name], eligible) for name, (_, eligible) in variants.items()]
+    candidates = [Candidate.from_entry(entries[name], eligible, APPROXIMATE_NOTE if name in approximate else "failed the equivalence checks")
+                  for name, (_, eligible) in variants.items()]
     name, summary = pick(candidates)
     clock = "cuda-events" if torch.device(device).type == "cuda" else "cpu-wall"
     return variants[name][0], Selection(candidates, name, summary, clock)
