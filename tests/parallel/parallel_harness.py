@@ -10,24 +10,19 @@ layout helpers, runs forward and backward, and returns the shards; ``errors`` jo
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import time
 from contextlib import contextmanager
 from functools import cache
 from dataclasses import dataclass
-from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
 from torch.distributed.device_mesh import init_device_mesh
 
 from attnkit.parallel import allgather_attention, hybrid_attention, ring_attention, ulysses_attention
 from attnkit.parallel.layout import shard, shard_hybrid, unshard, unshard_hybrid
+from rank_spawn import spawn  # noqa: F401  (re-exported: the parallel tests import it from here)
 
 METHODS = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention, "hybrid": hybrid_attention}
 TENSORS = ("out", "lse", "dq", "dk", "dv")
@@ -115,43 +110,7 @@ class Case:
         return allowed[None, None]
 
 
-# ---------------------------------------------------------------- spawning ranks
-
-
-
-def spawn(fn, world_size: int, *args, timeout: float = 120.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
-
-    Fails the test (after killing every rank) when the ranks are not done within ``timeout`` s.
-    """
-    # Forked ranks start in well under a second (torch and attnkit are already imported); a process
-    # that has initialized CUDA cannot fork safely, so it spawns (seconds per rank) instead.
-    method = "spawn" if torch.cuda.is_initialized() else "fork"
-    with tempfile.TemporaryDirectory() as folder:
-        context = mp.start_processes(_rank_main, args=(world_size, folder, fn, args), nprocs=world_size, join=False, start_method=method)
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{world_size} ranks did not finish within {timeout:.0f} s; killed them")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
-        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]
-
-
-def _rank_main(rank: int, world_size: int, folder: str, fn, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+# ---------------------------------------------------------------- spawning ranks: rank_spawn.spawn
 
 
 # ---------------------------------------------------------------- a rank's work

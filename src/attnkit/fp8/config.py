@@ -73,6 +73,9 @@ class Float8TrainingConfig:
     """Tokens per step (GEMM M) the filter assumes when it looks a layer's shape up."""
     auto_filter_min_speedup: float = 1.05
     """Measured fwd+bwd speed-up a layer's shape needs before the filter converts it."""
+    enable_fsdp_float8_all_gather: bool = False
+    """Under FSDP2 (``fully_shard``), all-gather the weights in FP8 with one global scale per weight
+    instead of in high precision (tensorwise only; see :mod:`attnkit.fp8.fsdp`)."""
 
     def __post_init__(self) -> None:
         for name, enum in (("recipe", Recipe), ("forward_format", Float8Format), ("grad_format", Float8Format)):
@@ -97,6 +100,11 @@ class Float8TrainingConfig:
         check_arg(self.auto_filter_tokens >= 16, "auto_filter_tokens", "an int >= 16", self.auto_filter_tokens)
         check_arg(self.auto_filter_min_speedup > 0, "auto_filter_min_speedup", "a positive float",
                   self.auto_filter_min_speedup)
+        check_arg(not self.enable_fsdp_float8_all_gather or self.recipe is Recipe.TENSORWISE,
+                  "enable_fsdp_float8_all_gather", "False unless recipe='tensorwise'",
+                  self.enable_fsdp_float8_all_gather,
+                  f"FP8 all-gather casts each weight with one global scale, which only the tensorwise recipe "
+                  f"uses (got recipe={self.recipe.value!r}); use recipe='tensorwise' or drop the flag.")
         check_arg(not (self.auto_filter and self.emulate), "auto_filter", "False with emulate=True",
                   self.auto_filter, "Emulated FP8 is never faster; the speed table only describes real FP8 GEMMs.")
 

@@ -9,6 +9,7 @@ from attnkit.errors import check_type
 from attnkit.fp8.auto_filter import keep_reason
 from attnkit.fp8.config import Float8TrainingConfig
 from attnkit.fp8.fused import Float8FusedLinear, repoint_members
+from attnkit.fp8.fsdp import WeightWithFloat8AllGather
 from attnkit.fp8.linear import Float8Linear
 from attnkit.optimize.fuse import FusedLinear
 from attnkit.utils.swap import ModuleFilterFn, swap_modules
@@ -47,7 +48,9 @@ def convert_to_float8_training(model: nn.Module, *, config: Float8TrainingConfig
     A layer is converted when its dims are aligned (16, or 128 for blockwise), the automatic filter
     (``config.auto_filter``) finds FP8 faster at its shape, and ``module_filter_fn(module, fqn)``
     (if given) returns True. Parameters are shared, not copied; state_dict keys are unchanged
-    (the delayed recipe adds ``fp8_amax_history``).
+    (the delayed recipe adds ``fp8_amax_history``). With ``config.enable_fsdp_float8_all_gather`` each
+    converted ``Float8Linear``'s weight becomes a :class:`~attnkit.fp8.fsdp.WeightWithFloat8AllGather`
+    (same values; call ``fully_shard`` after conversion); fused groups keep the high-precision all-gather.
 
     Args:
         model: the model (modified in place).
@@ -77,7 +80,11 @@ def convert_to_float8_training(model: nn.Module, *, config: Float8TrainingConfig
             new = Float8FusedLinear.from_fused(module, config)
             repoint_members(model, fqn, module, new)
             return new
-        return Float8Linear.from_float(module, config)
+        new = Float8Linear.from_float(module, config)
+        if config.enable_fsdp_float8_all_gather:
+            new.weight = nn.Parameter(WeightWithFloat8AllGather(new.weight.data, config),
+                                      requires_grad=new.weight.requires_grad)
+        return new
 
     return swap_modules(model, accept, build)
 
@@ -92,6 +99,9 @@ def convert_from_float8_training(model: nn.Module) -> nn.Module:
             new = module.to_fused()
             repoint_members(model, fqn, module, new)
             return new
-        return module.to_linear()
+        linear = module.to_linear()
+        if isinstance(linear.weight, WeightWithFloat8AllGather):
+            linear.weight = nn.Parameter(linear.weight._tensor, requires_grad=linear.weight.requires_grad)
+        return linear
 
     return swap_modules(model, lambda module, fqn: isinstance(module, (Float8Linear, Float8FusedLinear)), build)

@@ -17,6 +17,10 @@ along the other axis. In eager mode on CUDA, tensor and row scales run on the fu
 :mod:`attnkit.fp8.triton_cast` (same bytes as the torch ops); under ``torch.compile`` the torch ops run and
 Inductor fuses them.
 
+Under FSDP2 with ``enable_fsdp_float8_all_gather`` (:mod:`attnkit.fp8.fsdp`) the weight arrives already cast
+(a :class:`~attnkit.fp8.fsdp.Float8AllGatheredWeight`): the forward uses its FP8 data and scale as is and
+writes only the transpose for grad_x; grad_w is a plain high-precision tensor for FSDP's reduce-scatter.
+
 Overflow policy: an operand whose amax is inf/NaN is counted in ``fp8_overflow_counts`` (x, weight,
 grad_output) and gets a NaN scale, so the layer's output (or gradient) is non-finite and the step helper
 skips the step; delayed scaling never records a non-finite amax in its history.
@@ -33,6 +37,7 @@ from torch import nn
 
 from attnkit.errors import UnsupportedError, check_type
 from attnkit.fp8.config import Float8TrainingConfig, Recipe
+from attnkit.fp8.fsdp import Float8AllGatheredWeight, WeightWithFloat8AllGather
 from attnkit.fp8.gemm import native_blockwise_support, scaled_gemm
 from attnkit.fp8.scaling import Granularity, Quantized, compute_amax, quantize, update_amax_history
 
@@ -100,7 +105,14 @@ class _Float8Matmul(torch.autograd.Function):
         gx, gw = _FORWARD_GRANULARITY[config.recipe]
         tensorwise = gx is Granularity.TENSOR
         xq, xq_t = _quantize(x, fwd, gx, config, _X, history, counts, with_t=tensorwise and need_w)
-        wq, wq_t = _quantize(weight, fwd, gw, config, _W, history, counts, with_t=tensorwise and need_x)
+        if isinstance(weight, Float8AllGatheredWeight):  # FSDP2 gathered it already cast (attnkit.fp8.fsdp)
+            wq = weight.quantized()
+            wq_t = wq.t_tensorwise() if need_x else None
+            if counts is not None:
+                counts[_W] += wq.scale.isnan().any()
+        else:
+            weight = weight._tensor if isinstance(weight, WeightWithFloat8AllGather) else weight
+            wq, wq_t = _quantize(weight, fwd, gw, config, _W, history, counts, with_t=tensorwise and need_x)
         out = scaled_gemm(xq, wq, x.dtype, bias=bias, fast_accum=config.fast_accum_forward, emulate=config.emulate)
         ctx.config, ctx.history, ctx.counts = config, history, counts
         ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype)
@@ -177,6 +189,11 @@ def _float8_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bi
         x = x.to(torch.get_autocast_dtype(device))
     x2d = x.reshape(-1, weight.shape[1])
     if x2d.shape[0] % module.config.block_size:
+        if isinstance(weight, Float8AllGatheredWeight):
+            raise UnsupportedError(
+                f"{x2d.shape[0]} tokens: FP8 GEMMs need a multiple of {module.config.block_size}, and the "
+                "high-precision fallback has no high-precision weight under enable_fsdp_float8_all_gather; pad the "
+                "batch, or keep this layer out of FP8 (module_filter_fn).")
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     with torch.autocast(device, enabled=False):  # the FP8 math picks its own dtypes
         out = _Float8Matmul.apply(x2d, weight, bias, module.config, module.fp8_amax_history, module.fp8_overflow_counts,

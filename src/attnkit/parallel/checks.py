@@ -8,7 +8,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from attnkit.errors import check_arg, check_type
+from attnkit.errors import UnsupportedError, check_arg, check_type
 from attnkit.parallel.comm import check_same_across_ranks, group_info
 from attnkit.parallel.layout import LAYOUTS, check_layout
 
@@ -84,3 +84,28 @@ def check_shards(
         values.update(extra or {})
         check_same_across_ranks(values, group, q.device, "Every rank must pass shards of one sequence with the same options.")
     return rank, world_size, float(scale)
+
+
+def check_masks(q: torch.Tensor, *, causal: bool, window: int | None, document_ids: torch.Tensor | None):
+    """Check the mask arguments of ``ring_attention`` / ``ulysses_attention``.
+
+    Returns:
+        ``(document_ids, extra)``: the ids as ``(B or 1, S_local)`` (or None) and, for
+        :func:`check_shards`, the named integers every rank must agree on.
+    """
+    if window is not None:
+        check_arg(isinstance(window, int) and not isinstance(window, bool) and window >= 1, "window", "an int >= 1 (tokens)", window)
+        if not causal:
+            raise UnsupportedError("window: a sliding window needs causal=True (query i sees keys i - window < j <= i)")
+    if document_ids is not None:
+        check_type(document_ids, torch.Tensor, "document_ids")
+        if document_ids.dim() == 1:
+            document_ids = document_ids.unsqueeze(0)
+        check_arg(
+            document_ids.dim() == 2 and document_ids.shape[0] in (1, q.shape[0]) and document_ids.shape[1] == q.shape[2] and not document_ids.is_floating_point(),
+            "document_ids",
+            f"an int tensor (B or 1, S_local) = ({q.shape[0]} or 1, {q.shape[2]})",
+            (document_ids.dtype, tuple(document_ids.shape)),
+        )
+    extra = {"window": -1 if window is None else window, "document_ids (rows, or -1)": -1 if document_ids is None else document_ids.shape[0]}
+    return document_ids, extra

@@ -41,11 +41,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from attnkit.errors import UnsupportedError, check_arg, check_type
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
-from attnkit.parallel.checks import check_shards
-from attnkit.parallel.comm import RingComm, all_gather_stacked
-from attnkit.parallel.layout import unshard
+from attnkit.parallel.checks import check_masks, check_shards
+from attnkit.parallel.comm import RingComm
+from attnkit.parallel.layout import unshard_sequence
 from attnkit.parallel.schedule import Piece, ring_schedule
 
 __all__ = ["ring_attention"]
@@ -255,26 +254,11 @@ def ring_attention(
         out = ring_attention(q, k, v, causal=True)            # == shard_sequence(attention(q_full, ...))
         out.sum().backward()                                  # dq, dk, dv of this rank's shards
     """
-    if window is not None:
-        check_arg(isinstance(window, int) and not isinstance(window, bool) and window >= 1, "window", "an int >= 1 (tokens)", window)
-        if not causal:
-            raise UnsupportedError("window: a sliding window needs causal=True (query i sees keys i - window < j <= i)")
-    if document_ids is not None:
-        check_type(document_ids, torch.Tensor, "document_ids")
-        if document_ids.dim() == 1:
-            document_ids = document_ids.unsqueeze(0)
-        check_arg(
-            document_ids.dim() == 2 and document_ids.shape[0] in (1, q.shape[0]) and document_ids.shape[1] == q.shape[2] and not document_ids.is_floating_point(),
-            "document_ids",
-            f"an int tensor (B or 1, S_local) = ({q.shape[0]} or 1, {q.shape[2]})",
-            (document_ids.dtype, tuple(document_ids.shape)),
-        )
-    extra = {"window": -1 if window is None else window, "document_ids (rows, or -1)": -1 if document_ids is None else document_ids.shape[0]}
+    document_ids, extra = check_masks(q, causal=causal, window=window, document_ids=document_ids)
     rank, world_size, scale = check_shards(q, k, v, group=group, causal=causal, scale=scale, layout=layout, verify=verify, extra=extra)
     documents = None
-    if document_ids is not None:
-        gathered = all_gather_stacked(document_ids.to(device=q.device, dtype=torch.int64), group)
-        documents = unshard(list(gathered.unbind(0)), layout=layout, dim=1)  # (B or 1, S), global order
+    if document_ids is not None:  # (B or 1, S), global order
+        documents = unshard_sequence(document_ids.to(device=q.device, dtype=torch.int64), group, dim=1, layout=layout)
     schedule = ring_schedule(q.shape[2] * world_size, world_size, rank, layout=layout, causal=causal, window=window, documents=documents, device=q.device)
     out, lse = _RingAttention.apply(q, k, v, group, schedule, scale)
     return (out, lse) if return_lse else out

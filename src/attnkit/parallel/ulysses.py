@@ -27,11 +27,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from attnkit.errors import check_arg
+from attnkit.errors import UnsupportedError, check_arg
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
-from attnkit.parallel.checks import check_shards
-from attnkit.parallel.layout import LAYOUTS, shard_chunks
+from attnkit.parallel.checks import check_masks, check_shards
+from attnkit.parallel.layout import LAYOUTS, shard_chunks, unshard_sequence
 from attnkit.parallel.ring import ring_attention
+from attnkit.sparse import Documents, SlidingWindow, sparse_attention
 
 __all__ = ["ulysses_attention", "hybrid_attention"]
 
@@ -224,6 +225,19 @@ def _head_chunks(requested: int, q: torch.Tensor, heads_kv: int, world_size: int
     return requested
 
 
+def _pattern(causal: bool, window: int | None, documents: torch.Tensor | None):
+    """The sparsity pattern of a window and/or packed documents ``(B or 1, S)`` in global order."""
+    parts = [] if window is None else [SlidingWindow(window)]
+    if documents is not None:
+        if documents.shape[0] > 1 and not bool((documents == documents[:1]).all()):
+            raise UnsupportedError(
+                "document_ids: ulysses_attention runs one packing for the whole batch; these rows differ. "
+                "Use ring_attention, which takes a packing per batch entry."
+            )
+        parts.append(Documents.from_ids(documents[0], causal=causal))
+    return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
 def _check_heads(q: torch.Tensor, k: torch.Tensor, size: int, what: str) -> None:
     check_arg(
         q.shape[1] % size == 0,
@@ -273,6 +287,8 @@ def ulysses_attention(
     return_lse: bool = False,
     verify: bool = True,
     head_chunks: int = 1,
+    window: int | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sharded sequence by exchanging sequence shards for head shards.
 
@@ -282,13 +298,27 @@ def ulysses_attention(
     groups whose exchanges overlap the previous group's kernel (each must split evenly over the
     ranks). 1 by default: on 2 H200s over NVLink, 2 groups were no faster and 4 slower at 32k-512k
     tokens (NCCL's kernels take SMs from attention while they wait; see the module docstring).
+    ``window`` and ``document_ids``: as in ``ring_attention``. After the exchange every rank holds
+    whole sequences, so the mask runs as a sparsity pattern (``attnkit.sparse``: equal documents
+    on one dense kernel call, other masks on FlexAttention on CUDA, the exact gathered path on
+    CPU); ``document_ids`` must then be one packing for the whole batch (``(1, S_local)`` or equal rows).
 
     Example::
 
         out = ulysses_attention(q_local, k_local, v_local, causal=True, layout="contiguous")
     """
-    _, world_size, scale = check_shards(q, k, v, group=group, causal=causal, scale=scale, layout=layout, verify=verify)
+    document_ids, extra = check_masks(q, causal=causal, window=window, document_ids=document_ids)
+    _, world_size, scale = check_shards(q, k, v, group=group, causal=causal, scale=scale, layout=layout, verify=verify, extra=extra)
     _check_heads(q, k, world_size, "ranks for Ulysses")
+    if window is not None or document_ids is not None:
+        check_arg(head_chunks == 1, "head_chunks", "1 with a window or document_ids", head_chunks)
+        pattern = _pattern(causal, window, None if document_ids is None else unshard_sequence(document_ids.to(q.device), group, dim=1, layout=layout))
+
+        def attend(q_h, k_h, v_h):
+            return sparse_attention(q_h, k_h, v_h, pattern, scale=scale, return_lse=True)
+
+        out, lse = _exchange(q, k, v, group, world_size, layout, attend)
+        return (out, lse) if return_lse else out
     k, v = _kv_per_rank(q, k, v, world_size)
     chunks = _head_chunks(head_chunks, q, k.shape[1], world_size)
     return _PipelinedUlysses.apply(q, k, v, causal, scale, group, world_size, layout, chunks, return_lse)
