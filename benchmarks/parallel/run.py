@@ -19,6 +19,7 @@ times per fwd+bwd (the slowest rank's) and the largest rank's peak memory. Metho
 * ``attnkit hybrid UxR``: Ulysses over U ranks (inner mesh dim) x ring over R (``hybrid_attention``
   on a ``(R, U)`` DeviceMesh); by default 2x2 at 4 ranks and 8x1, 4x2, 2x4 at 8;
 * ``torch cp cudnn|flash allgather|alltoall``: torch's ``context_parallel`` (load-balanced).
+* ``--documents N``: N equal packed causal documents; only one-GPU (the documents as one dense cuDNN call), ring and Ulysses.
 
 One-GPU flash and torch CP alltoall run only up to ``--all-variants-length``; lengths from
 ``--long-length`` on run only ``--long-methods`` with ``--long-repeats``. Cells run in two passes:
@@ -69,6 +70,7 @@ from attnkit.bench.timing import time_fn
 from attnkit.ops.kernels import backward_from_lse, forward_with_lse
 from attnkit.hardware import stored_profile
 from attnkit.ops.spec import AttentionSpec
+from attnkit.sparse import Documents, sparse_attention
 from attnkit.parallel import CPHardware, allgather_attention, hybrid_attention, predict_cp_time, ring_attention, shard, shard_hybrid, ulysses_attention
 
 METHODS = {
@@ -108,6 +110,8 @@ def _args(argv=None):
     add("--accuracy-length", type=int, default=4096, help="sequence length of the float64 accuracy case (0: skip)")
     add("--accuracy-sizes", default="auto", help="sub-group sizes for the accuracy (auto: 1, 2, 4, ..., W)")
     add("--no-torch-cp", action="store_true", help="skip torch's context_parallel rows")
+    add("--documents", type=int, default=0, help="N > 0: N packed causal documents of equal length (the ring and Ulysses get "
+        "document_ids; the one-GPU baseline runs them as one dense cuDNN call, attnkit.sparse; no torch CP, all-gather or hybrid rows)")
     add("--device", default="cuda", help="cuda (NCCL), or cpu (gloo) for a smoke test of the script")
     add("--pg-timeout-s", type=float, default=180.0, help="process-group timeout: a hung collective ends the run after this")
     add("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
@@ -166,15 +170,24 @@ def _shards(args, seq: int, shard_fn, seed: int = 0) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- one fwd+bwd step per method
 
 
+def _documents(args, seq: int):
+    """The ``--documents`` packing of ``seq`` tokens as a pattern, or None."""
+    return Documents((seq // args.documents,) * args.documents) if args.documents else None
+
+
 def _one_gpu(args, seq, backend):
     full = _inputs(args, seq)
     q, k, v = (full[name].requires_grad_(True) for name in "qkv")
     gqa = q.shape[1] != k.shape[1]
     if DEVICE != "cuda":
         backend = SDPBackend.MATH  # CPU smoke test: the fused kernels are CUDA-only
+    documents = _documents(args, seq)
 
     def step():
         q.grad = k.grad = v.grad = None
+        if documents is not None:  # equal documents: one dense call over more, shorter heads
+            sparse_attention(q, k, v, documents).backward(full["grad"])
+            return
         with sdpa_kernel(backend):
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).backward(full["grad"])
 
@@ -185,10 +198,14 @@ def _attnkit(args, seq, method, rank, world_size):
     fn, layout = METHODS[method]
     local = _shards(args, seq, lambda x: shard(x, rank, world_size, layout=layout))
     q, k, v = (local[name].requires_grad_(True) for name in "qkv")
+    masks = {}
+    if args.documents:
+        ids = torch.arange(args.documents, device=DEVICE).repeat_interleave(seq // args.documents)[None]
+        masks["document_ids"] = shard(ids, rank, world_size, layout=layout, dim=1)
 
     def step():
         q.grad = k.grad = v.grad = None
-        fn(q, k, v, causal=True, layout=layout, verify=False).backward(local["grad"])
+        fn(q, k, v, causal=True, layout=layout, verify=False, **masks).backward(local["grad"])
 
     return step
 
@@ -238,6 +255,8 @@ class Bench:
         self.args, self.rank, self.world_size, self.hybrids = args, rank, world_size, hybrids
         self.cells: dict[tuple[int, str], dict] = {}
         self.order = list(ONE_GPU) + ["attnkit ring"] + list(hybrids) + ["attnkit ulysses", *ULYSSES_GROUPS, "attnkit allgather"] + ([] if args.no_torch_cp else list(TORCH_CP))
+        if args.documents:  # the rows that take document_ids (torch CP takes no mask)
+            self.order = ["one-gpu cudnn", "attnkit ring", "attnkit ulysses"]
         for option, names in (("--methods", args.methods), ("--long-methods", args.long_methods)):
             unknown = [m for m in names.split(",") if m not in self.order and names != "all"]
             if unknown:  # a typo would silently drop rows from a one-shot run
@@ -478,7 +497,7 @@ def predictions(record: dict) -> tuple[str, dict[tuple[int, str], float]]:
         return AttentionSpec(shape["batch"], shape["heads"], seq, shape["dim"], heads_kv=shape["heads_kv"], causal=shape.get("causal", True), dtype=dtype)
 
     one_gpu = {r["seq"]: r["ms"] for r in record["results"] if r["method"] == "one-gpu cudnn" and "ms" in r}
-    if not one_gpu:
+    if not one_gpu or shape.get("documents"):  # the cost model knows no masks
         return "", {}
     seq0 = CALIBRATION_LENGTH if CALIBRATION_LENGTH in one_gpu else max(one_gpu)
     profile = next((stored_profile(key) for key in ("h200", "h100") if key in record["device"].lower()), None)
@@ -517,8 +536,9 @@ def table(record: dict) -> str:
         ms = f"{r['ms']:.1f} ms" if r["ms"] < 1e4 else f"{r['ms'] / 1e3:.2f} s"
         return f"{r['pct_of_ideal']:.1f}%{star} ({ms})" if "pct_of_ideal" in r else ms
 
+    packed = f", {record['shape']['documents']} packed documents" if record["shape"].get("documents") else ""
     lines = [f"{record['world_size']}x {record['device']}, torch {record['torch']}, {record['date']}; "
-             f"B{record['shape']['batch']} H{record['shape']['heads']} KV{record['shape']['heads_kv']} D{record['shape']['dim']} causal bf16 fwd+bwd; "
+             f"B{record['shape']['batch']} H{record['shape']['heads']} KV{record['shape']['heads_kv']} D{record['shape']['dim']} causal{packed} bf16 fwd+bwd; "
              "% of ideal (median time); ideal = fastest one-GPU time / ranks",
              "", "| method | " + " | ".join(label(s) for s in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     lines += ["| " + m + " | " + " | ".join(text(cell.get((s, m))) for s in lengths) + " |" for m in methods]
@@ -596,7 +616,8 @@ def main() -> None:
         "started_utc": now.isoformat(timespec="seconds"),
         "command": "torchrun --nproc-per-node {} benchmarks/parallel/run.py {}".format(world_size, " ".join(sys.argv[1:])),
         "env": {name: os.environ.get(name) for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
-        "shape": {"batch": args.batch, "heads": args.heads, "heads_kv": args.heads_kv, "dim": args.dim, "dtype": "bfloat16", "causal": True},
+        "shape": {"batch": args.batch, "heads": args.heads, "heads_kv": args.heads_kv, "dim": args.dim, "dtype": "bfloat16", "causal": True,
+                  "documents": args.documents},
         "ideal": f"fastest one-GPU time (cuDNN, or flash up to {args.all_variants_length}; same run) / world size; past "
                  f"{args.max_one_gpu_length} tokens the longest measured one-GPU time scaled by (S/S0)^2 (rows say 'extrapolated')",
         "timing": "median of CUDA-event times per fwd+bwd, the slowest rank's; peak_gib the largest rank's; seconds = wall time of the cell",
