@@ -219,7 +219,8 @@ def anchors(args, save) -> dict:
     start = time.time()
     variants = _variants(16384, not args.no_torchao)
     for name, convert in variants.items():
-        if name in ("attnkit:delayed", "attnkit:rowwise_with_gw_hp"):  # numerics variants, time-boxed out
+        numerics_only = name in ("attnkit:delayed", "attnkit:rowwise_with_gw_hp")  # time-boxed out
+        if numerics_only or args.block_only:
             continue
         if time.time() - start > args.budget_s:
             out["linear"][name] = "skipped: budget"
@@ -319,6 +320,7 @@ def main() -> None:
     parser.add_argument("--anchors", action="store_true")
     parser.add_argument("--eager", action="store_true", help="the Llama-style block without torch.compile")
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao peer")
+    parser.add_argument("--block-only", action="store_true", help="--anchors: only the Llama-style block (no linear shapes)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting anchor variants after this")

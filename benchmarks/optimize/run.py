@@ -344,9 +344,10 @@ def _path(out: Path, device: str, suffix: str = "") -> Path:
 def _merge(args: argparse.Namespace) -> None:
     records = [json.loads(p.read_text()) for p in args.merge]
     merged = {k: v for k, v in records[0].items() if k not in ("models", "cells", "summary", "skipped", "command", "elapsed_s")}
-    merged["commands"] = [{"command": r["command"], "gpu": r.get("gpu"), "elapsed_s": r.get("elapsed_s")} for r in records]
+    merged["commands"] = [c for r in records for c in r.get("commands") or [{"command": r["command"], "gpu": r.get("gpu"), "elapsed_s": r.get("elapsed_s")}]]
     merged["command"] = records[0]["command"].split(" --models")[0] + " --models ... (one process per GPU, merged with --merge)"
-    merged["note"] = "models split over GPUs of one host, processes run side by side; every cell's variants ran on one GPU in one process"
+    merged["note"] = ("models split over GPUs of one host (and runs of one day on one GPU model, when an input was merged already), processes "
+                      "run side by side; every cell's variants ran on one GPU in one process")
     for key in ("models", "cells", "summary", "skipped"):
         merged[key] = {} if key == "models" else []
         for r in records:

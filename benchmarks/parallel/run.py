@@ -103,7 +103,8 @@ def _args(argv=None):
     add("--max-one-gpu-length", type=int, default=524288, help="longest length the one-GPU baseline runs at; beyond, the ideal is extrapolated (S^2)")
     add("--all-variants-length", type=int, default=131072, help="longest length for one-GPU flash and torch CP alltoall")
     add("--long-length", type=int, default=1048576, help="from this length on run only --long-methods, with --long-repeats")
-    add("--long-methods", default="attnkit ring,torch cp cudnn allgather", help="rows run at lengths >= --long-length")
+    add("--long-methods", default=None, help="rows run at lengths >= --long-length (default: 'attnkit ring,torch cp cudnn allgather', "
+        "those of them the run has)")
     add("--long-repeats", default="1,2", help="warm-up,timed calls at lengths >= --long-length")
     add("--budget-s", type=float, default=360.0, help="start no cell whose estimated end is past this many seconds after start")
     add("--memory-fraction", type=float, default=0.92, help="skip a cell whose predicted peak exceeds this fraction of GPU memory")
@@ -257,6 +258,8 @@ class Bench:
         self.order = list(ONE_GPU) + ["attnkit ring"] + list(hybrids) + ["attnkit ulysses", *ULYSSES_GROUPS, "attnkit allgather"] + ([] if args.no_torch_cp else list(TORCH_CP))
         if args.documents:  # the rows that take document_ids (torch CP takes no mask)
             self.order = ["one-gpu cudnn", "attnkit ring", "attnkit ulysses"]
+        if args.long_methods is None:
+            args.long_methods = ",".join(m for m in ("attnkit ring", "torch cp cudnn allgather") if m in self.order)
         for option, names in (("--methods", args.methods), ("--long-methods", args.long_methods)):
             unknown = [m for m in names.split(",") if m not in self.order and names != "all"]
             if unknown:  # a typo would silently drop rows from a one-shot run

@@ -25,14 +25,14 @@ def _fp8_gpu():
         pytest.skip("gpu: Triton FP8 casts need compute capability 8.9+")
 
 
-def _operand(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """bf16 (shape) with an all-zero row, a 1e4x outlier and a value in the FP8 subnormal range."""
+def _operand(shape: tuple[int, int], seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``dtype`` (shape) with an all-zero row, a 1e4x outlier and a value in the FP8 subnormal range."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen) * 3
     x[3] = 0
     x[5, 7] = 3e4
     x[7, 1] = 1e-6
-    return x.to("cuda", torch.bfloat16)
+    return x.to("cuda", dtype)
 
 
 def _assert_same(got, want):
@@ -48,8 +48,10 @@ def _assert_same(got, want):
 @pytest.mark.parametrize("granularity", [Granularity.TENSOR, Granularity.ROW], ids=["tensor", "row"])
 @pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("power_of_2", [False, True], ids=["exact", "pow2"])
-def test_bytes_and_scales_match_torch(shape, transposed, granularity, dtype, power_of_2):
-    x = _operand(shape)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_bytes_and_scales_match_torch(shape, transposed, granularity, dtype, power_of_2, x_dtype):
+    """Both input widths: 16-bit operands store their transpose from the kernel, float32 ones copy it."""
+    x = _operand(shape, dtype=x_dtype)
     x = x.t() if transposed else x  # a strided (outer, inner) view, as backward passes
     got, got_t = triton_cast.quantize(x, dtype, granularity, power_of_2=power_of_2,
                                       with_t=granularity is Granularity.TENSOR)

@@ -18,7 +18,7 @@ from attnkit.optimize import OptimizeConfig, optimize
 from attnkit.optimize.report import FP8_LABEL
 from attnkit.optimize.select import APPROXIMATE_NOTE
 
-_FP8_REL_RMS_BOUND = 0.1
+_FP8_REL_RMS_BOUND = 0.1  # relative RMS FP8 may add to the exact model's own error against fp64
 _NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -125,6 +125,9 @@ def test_fp8_variant_on_gpu():
     fp8 = report.fp8
     print(fp8.summary())
     assert fp8.built and not fp8.emulated and fp8.converted == 4  # q/k/v group, o_proj, gate/up group, down_proj
-    assert 0 < fp8.accuracy.rel_rms < _FP8_REL_RMS_BOUND and fp8.accuracy.top1 > 0.5
+    # A random-init 4096-wide layer in bf16 is itself far from fp64 (rel RMS 0.23 on an H200), so the bound is on
+    # what FP8 adds; the run of 2026-11-27 measured 0.258 against the exact model's 0.231.
+    acc = fp8.accuracy
+    assert acc.exact_rel_rms < acc.rel_rms < acc.exact_rel_rms + _FP8_REL_RMS_BOUND and acc.top1 > 0.5
     assert report.selection.picked != "fp8" and chosen is not fp8.model
     assert fp8.median_ms is not None and fp8.speedup_vs_exact is not None

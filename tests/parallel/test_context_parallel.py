@@ -26,6 +26,7 @@ import torch.distributed as dist
 from attnkit.errors import InvalidArgumentError, UnsupportedError
 from attnkit.parallel import RingComm, ring_attention, ulysses_attention
 from attnkit.parallel.layout import shard_positions
+from attnkit.parallel import schedule as schedule_mod
 from attnkit.parallel.schedule import ring_schedule
 from parallel_harness import TENSORS, Case, errors, rms_error, run_cases, spawn
 
@@ -66,6 +67,8 @@ _MASKED = [
     Case(documents=(7, 20, 3, 18), causal=False, layout="contiguous"),
     Case(documents=(1, 30, 17), window=6, heads=4, heads_kv=1),
     Case(documents=(25, 39), window=11, dtype=bf16, dim=16, seq=64),
+    Case(documents=(6,) * 8),  # no document crosses ranks at W=2, 4 (one ring step, nothing travels); does at W=8
+    Case(documents=(12,) * 4, causal=False, layout="contiguous", dtype=bf16, dim=16),
     # Ulysses runs the same masks as a sparsity pattern on whole sequences after its exchange
     Case(method="ulysses", window=5),
     Case(method="ulysses", documents=(7, 20, 3, 18), causal=False, layout="contiguous"),
@@ -126,20 +129,31 @@ def test_masked_ring_runs_exactly_the_scheduled_blocks(world_size):
             assert result["kernel_calls"] == sum(map(len, schedule)), f"{case.name()} rank {rank}"
 
 
+def _area(piece, seq_local: int) -> float:
+    """Query-key pairs a piece's kernel computes (half its rectangle for a causal diagonal)."""
+    size = len(range(seq_local)[piece.rows]) * len(range(seq_local)[piece.keys])
+    return size / 2 if piece.causal else size
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-@pytest.mark.parametrize("window, documents", [(5, None), (None, (7, 20, 3, 18)), (6, (1, 30, 17))])
-def test_schedule_is_the_mask_and_skips_empty_blocks(layout, window, documents):
-    """Joined over ranks and steps, the schedule's pieces are exactly the dense mask, and the pieces a
-    window or documents empty are not scheduled (fewer kernel calls than plain causal)."""
+@pytest.mark.parametrize("window, documents, causal", [
+    (5, None, True), (None, (7, 20, 3, 18), True), (None, (7, 20, 3, 18), False), (6, (1, 30, 17), True),
+    (None, (1,) * 48, True),  # many short documents: pairs past MAX_RUN_PIECES become one bool-mask piece
+])  # fmt: skip
+def test_schedule_is_the_mask_and_skips_empty_blocks(layout, window, documents, causal, monkeypatch):
+    """Joined over ranks and steps, the schedule's pieces are exactly the dense mask, no query-key pair
+    twice; the work a window or documents empty is not scheduled (less kernel area than plain causal);
+    packed documents without a window run as dense per-document rectangles (no mask)."""
+    monkeypatch.setattr(schedule_mod, "MAX_RUN_PIECES", 3)
     seq, world_size = 48, 4
-    case = Case(layout=layout, window=window, documents=documents)
+    case = Case(layout=layout, window=window, documents=documents, causal=causal)
     ids = case.document_ids()
-    dense = case.mask()[0, 0] & torch.ones(seq, seq, dtype=torch.bool).tril()
-    pieces, causal_pieces = 0, 0
+    dense = case.mask()[0, 0] & (torch.ones(seq, seq, dtype=torch.bool).tril() if causal else True)
+    area, full_area, masked = 0, 0, 0
     for rank in range(world_size):
         positions = shard_positions(seq, world_size, rank, layout)
         covered = torch.zeros(seq // world_size, seq, dtype=torch.bool)
-        for step, step_pieces in enumerate(ring_schedule(seq, world_size, rank, layout=layout, causal=True, window=window, documents=ids)):
+        for step, step_pieces in enumerate(ring_schedule(seq, world_size, rank, layout=layout, causal=causal, window=window, documents=ids)):
             keys = shard_positions(seq, world_size, (rank - step) % world_size, layout)
             for piece in step_pieces:
                 rows, cols = positions[piece.rows], keys[piece.keys]
@@ -149,11 +163,28 @@ def test_schedule_is_the_mask_and_skips_empty_blocks(layout, window, documents):
                 assert block.any(), "an empty piece was scheduled"
                 assert not covered[piece.rows][:, cols].any(), "a key pair scheduled twice"
                 covered[piece.rows.start or 0 : piece.rows.stop, cols] = block
-            pieces += len(step_pieces)
-        one_document = torch.zeros(1, seq, dtype=torch.long)  # the same chunk pairs, nothing masked but causality
-        causal_pieces += sum(map(len, ring_schedule(seq, world_size, rank, layout=layout, causal=True, documents=one_document)))
+                area += _area(piece, seq // world_size)
+                masked += piece.mask is not None
+        one_document = torch.zeros(1, seq, dtype=torch.long)  # nothing masked but causality
+        for step_pieces in ring_schedule(seq, world_size, rank, layout=layout, causal=causal, documents=one_document):
+            full_area += sum(_area(p, seq // world_size) for p in step_pieces)
         assert torch.equal(covered, dense[positions]), f"rank {rank}"
-    assert pieces < causal_pieces, (pieces, causal_pieces)  # chunk pairs outside every window/document skipped
+    assert area < full_area, (area, full_area)  # blocks outside every window/document skipped
+    if window is None:  # documents alone: rectangles, except the pairs with more than MAX_RUN_PIECES documents
+        assert (masked > 0) == (len(documents) > 20), masked
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_documents_within_ranks_take_one_step(layout):
+    """Packed documents that never cross from one rank's chunk to another's: one step on every rank (the
+    ring moves nothing); one token more in the first document and every rank runs all W steps."""
+    seq = 48
+    for world_size in (2, 4):
+        aligned = torch.repeat_interleave(torch.arange(8), torch.tensor((6,) * 8)).unsqueeze(0)
+        shifted = torch.repeat_interleave(torch.arange(8), torch.tensor((7,) + (6,) * 6 + (5,))).unsqueeze(0)
+        for rank in range(world_size):
+            assert len(ring_schedule(seq, world_size, rank, layout=layout, causal=True, documents=aligned)) == 1
+            assert len(ring_schedule(seq, world_size, rank, layout=layout, causal=True, documents=shifted)) == world_size
 
 
 def test_a_window_without_causal_raises():

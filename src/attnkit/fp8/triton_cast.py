@@ -7,13 +7,17 @@ not. Here the amax (:func:`~attnkit.fp8.scaling.compute_amax`, one reduction ker
 path's own functions, so the scales are the same tensors by construction, and one Triton kernel then
 reads the operand once (any strides: the transposed views of the backward too) and writes the
 contiguous FP8 data: ``x.float() * scale``, clamped to +-fp8_max (NaN kept), cast with round-to-nearest-
-even, as the torch ops do. The transposed operand a tensorwise backward needs is a copy of those bytes.
+even, as the torch ops do. For a 16-bit operand the same kernel also stores the transposed FP8 operand a
+tensorwise backward needs, from the same registers (torch's copy of a transposed FP8 tensor is a slow
+byte gather: about 0.3x of the eager Llama block's speed-up on an H200).
 
 Two earlier versions computed the scale in the kernel (float64, power-of-2 by clearing mantissa bits):
 on an H200 with torch 2.11's Triton, a NaN constexpr global broke every second specialisation and some
-power-of-2 row scales differed from torch's by a factor of 2; writing the transpose from the kernel's
-registers left columns of NaN bytes in dx. The GPU tests (tests/fp8/test_triton_cast.py) compare bytes
-and scales with the torch path.
+power-of-2 row scales differed from torch's by a factor of 2. Their transposed store from a float32
+operand (the weight of an fp32-master ``nn.Linear``) left columns of NaN bytes, while the 16-bit
+operands' transposes matched torch byte for byte; float32 operands are therefore transposed by a torch
+copy of the FP8 bytes. The GPU tests (tests/fp8/test_triton_cast.py) compare bytes and scales with the
+torch path for both input widths.
 
 Importing this module needs ``triton``; :mod:`attnkit.fp8.linear` imports it lazily and only uses it for
 CUDA tensors outside ``torch.compile`` (Inductor fuses the torch ops itself, without graph breaks). Under
@@ -35,10 +39,11 @@ _FORMATS = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @triton.jit
-def _scaled_cast_kernel(x_ptr, scale_ptr, out_ptr, R, C, stride_r, stride_c,
-                        FMAX: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One (BLOCK_R, BLOCK_C) tile of x (R, C) into out (R, C), contiguous: saturate(x * scale) -> FP8.
-    ``scale`` is one float32 (tensorwise) or one per row (PER_ROW)."""
+def _scaled_cast_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, R, C, stride_r, stride_c,
+                        FMAX: tl.constexpr, PER_ROW: tl.constexpr, WITH_T: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_R, BLOCK_C) tile of x (R, C) into out (R, C), contiguous: saturate(x * scale) -> FP8;
+    WITH_T also into out_t (C, R), contiguous. ``scale`` is one float32 (tensorwise) or one per row (PER_ROW)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
@@ -49,7 +54,10 @@ def _scaled_cast_kernel(x_ptr, scale_ptr, out_ptr, R, C, stride_r, stride_c,
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0)
     y = x.to(tl.float32) * scale
     y = tl.where(y > FMAX, FMAX, tl.where(y < -FMAX, -FMAX, y))  # torch.clamp: a comparison with NaN is False, NaN stays
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    q = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=mask)
+    if WITH_T:
+        tl.store(out_t_ptr + cols[None, :].to(tl.int64) * R + rows[:, None], q, mask=mask)
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, granularity: Granularity, *, amax: torch.Tensor | None = None,
@@ -77,9 +85,14 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, granularity: Granularity, *, a
     scale, inverse = scales(current, dtype, power_of_2=power_of_2)
     outer, inner = x.shape
     data = torch.empty((outer, inner), dtype=dtype, device=x.device)
+    store_t = with_t and x.element_size() == 2  # see the module docstring for float32
+    data_t = torch.empty((inner, outer), dtype=dtype, device=x.device) if store_t else data
     block_r, block_c = 64, 128
     _scaled_cast_kernel[(triton.cdiv(outer, block_r), triton.cdiv(inner, block_c))](
-        x, scale.contiguous(), data, outer, inner, x.stride(0), x.stride(1),
-        FMAX=torch.finfo(dtype).max, PER_ROW=granularity is Granularity.ROW, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+        x, scale.contiguous(), data, data_t, outer, inner, x.stride(0), x.stride(1),
+        FMAX=torch.finfo(dtype).max, PER_ROW=granularity is Granularity.ROW, WITH_T=store_t,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
     q = Quantized(data, inverse, granularity)
-    return q, (q.t_tensorwise() if with_t else None)
+    if not with_t:
+        return q, None
+    return q, (Quantized(data_t, inverse, granularity) if store_t else q.t_tensorwise())

@@ -96,14 +96,15 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, par
 
 
 def _ring_forward(q, k, v, comm: RingComm, schedule: list[list[Piece]], scale: float):
-    """Returns ``out (B, Hq, S_local, Dv)`` and ``lse (B, Hq, S_local)``, float32 (float64 for float64 inputs)."""
-    world_size = comm.world_size
+    """Returns ``out (B, Hq, S_local, Dv)`` and ``lse (B, Hq, S_local)``, float32 (float64 for float64 inputs).
+    Runs ``len(schedule)`` steps (1: nothing travels)."""
+    steps = len(schedule)
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     fixed = _FixedRows(q=q)
-    for step in range(world_size):
-        if step + 1 < world_size:  # the next block travels while this one computes
+    for step in range(steps):
+        if step + 1 < steps:  # the next block travels while this one computes
             next_k, next_v = comm.send_recv(k), comm.send_recv(v)
             comm.commit()
         for piece in schedule[step]:
@@ -112,7 +113,7 @@ def _ring_forward(q, k, v, comm: RingComm, schedule: list[list[Piece]], scale: f
             )
             # In place (views of the accumulators); assigning a view to itself copies nothing.
             out[:, :, piece.rows], lse[:, :, piece.rows] = merge_partials(out[:, :, piece.rows], lse[:, :, piece.rows], part, part_lse)
-        if step + 1 < world_size:
+        if step + 1 < steps:
             comm.wait()  # the compute stream waits for the transfer; the host does not
             k, v = next_k, next_v
     return out, lse
@@ -146,13 +147,13 @@ def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, schedule: list[
     on 2 ranks the one transfer that nothing overlaps (the last) carries bf16, half the bytes.
     """
     kv_comm, grad_comm = RingComm(group), RingComm(group)
-    world_size = kv_comm.world_size
+    steps = len(schedule)  # 1: every block stays home, nothing travels
     acc = torch.promote_types(q.dtype, torch.float32)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     fixed = _FixedRows(grad_out=grad_out, q=q, out=out, lse=lse, grad_lse=grad_lse)
     home_k = home_v = travel_k = travel_v = None
-    for step in range(world_size):
-        if step + 1 < world_size:  # the next block travels while this one computes
+    for step in range(steps):
+        if step + 1 < steps:  # the next block travels while this one computes
             next_k, next_v = kv_comm.send_recv(k), kv_comm.send_recv(v)
             kv_comm.commit()
         pieces = schedule[step]
@@ -176,10 +177,10 @@ def _ring_backward(grad_out, grad_lse, q, k, v, out, lse, group, schedule: list[
         if step >= 1:  # pass it on with the block (it travels during the next step); after the last step it is home
             next_grad_k, next_grad_v = grad_comm.send_recv(travel_k), grad_comm.send_recv(travel_v)
             grad_comm.commit()
-        if step + 1 < world_size:
+        if step + 1 < steps:
             kv_comm.wait()
             k, v = next_k, next_v
-    if world_size == 1:
+    if steps == 1:
         return grad_q, home_k, home_v
     grad_comm.wait()
     return grad_q, home_k.add_(next_grad_k), home_v.add_(next_grad_v)

@@ -229,6 +229,7 @@ def _pattern(causal: bool, window: int | None, documents: torch.Tensor | None):
     """The sparsity pattern of a window and/or packed documents ``(B or 1, S)`` in global order."""
     parts = [] if window is None else [SlidingWindow(window)]
     if documents is not None:
+        documents = documents.cpu()  # one copy (S ints): the checks below then never wait on the GPU
         if documents.shape[0] > 1 and not bool((documents == documents[:1]).all()):
             raise UnsupportedError(
                 "document_ids: ulysses_attention runs one packing for the whole batch; these rows differ. "
