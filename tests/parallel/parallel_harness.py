@@ -54,6 +54,8 @@ class Case:
     fault: str | None = None
     """A planted bug (see ``_planted``) that the comparison must catch."""
     seed: int = 0
+    device: str = "cpu"
+    """``"cuda"``: each rank runs on its GPU (NCCL ranks); the reference stays float64 on the CPU."""
 
     def name(self) -> str:
         parts = [self.method + (f"{self.mesh[0]}x{self.mesh[1]}" if self.mesh else ""), self.layout, "causal" if self.causal else "full", str(self.dtype).removeprefix("torch.")]
@@ -121,21 +123,27 @@ def run_cases(rank: int, world_size: int, cases: list[Case]) -> list[dict[str, t
     return [_run_case(rank, world_size, case) for case in cases]
 
 
+def _device(case: Case) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if case.device == "cuda" else torch.device("cpu")
+
+
 def _run_case(rank: int, world_size: int, case: Case) -> dict[str, torch.Tensor]:
-    inputs = {name: case.shard(x, rank, world_size) for name, x in case.inputs().items()}
+    device = _device(case)
+    inputs = {name: case.shard(x, rank, world_size).to(device) for name, x in case.inputs().items()}
     q, k, v = (inputs[name].to(case.dtype).requires_grad_(True) for name in "qkv")
-    where = {"group": None} if case.mesh is None else {"mesh": _mesh(case.mesh)}
+    where = {"group": None} if case.mesh is None else {"mesh": _mesh(case.mesh, device.type)}
     if case.head_chunks is not None:
         where["head_chunks"] = case.head_chunks
     if case.window is not None:
         where["window"] = case.window
     if case.documents is not None:
-        where["document_ids"] = shard(case.document_ids(), rank, world_size, layout=case.layout, dim=1)
+        where["document_ids"] = shard(case.document_ids(), rank, world_size, layout=case.layout, dim=1).to(device)
     with _planted(case.fault), _counted() as calls:
         out, lse = METHODS[case.method](q, k, v, causal=case.causal, layout=case.layout, return_lse=True, **where)
         loss = (out.double() * inputs["grad_out"]).sum() + (lse.double() * inputs["grad_lse"]).sum()
         loss.backward()
-    return {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad, "kernel_calls": calls[0]}
+    result = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return {**{name: t.detach().cpu() for name, t in result.items()}, "kernel_calls": calls[0]}
 
 
 @contextmanager
@@ -157,8 +165,8 @@ def _counted():
 
 
 @cache
-def _mesh(shape: tuple[int, int]):
-    return init_device_mesh("cpu", shape, mesh_dim_names=("ring", "ulysses"))
+def _mesh(shape: tuple[int, int], device_type: str = "cpu"):
+    return init_device_mesh(device_type, shape, mesh_dim_names=("ring", "ulysses"))
 
 
 @contextmanager
@@ -209,13 +217,14 @@ def reference(case: Case) -> dict[str, torch.Tensor]:
 
 
 def single_process(case: Case) -> dict[str, torch.Tensor]:
-    """The same tensors from the single-process kernels (``ops.kernels``) in the case's dtype."""
-    inputs = case.inputs()
-    q, k, v, grad_out = (inputs[name].to(case.dtype) for name in ("q", "k", "v", "grad_out"))
-    out, lse = forward_with_lse(q, k, v, causal=case.causal, mask=case.mask())
-    grad_lse = inputs["grad_lse"].to(lse.dtype)
-    dq, dk, dv = backward_from_lse(grad_out, q, k, v, out, lse, causal=case.causal, grad_lse=grad_lse, mask=case.mask())
-    return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    """The same tensors from the single-process kernels (``ops.kernels``) in the case's dtype, on its device."""
+    inputs, device = case.inputs(), _device(case)
+    mask = None if case.mask() is None else case.mask().to(device)
+    q, k, v, grad_out = (inputs[name].to(device, case.dtype) for name in ("q", "k", "v", "grad_out"))
+    out, lse = forward_with_lse(q, k, v, causal=case.causal, mask=mask)
+    grad_lse = inputs["grad_lse"].to(device, lse.dtype)
+    dq, dk, dv = backward_from_lse(grad_out, q, k, v, out, lse, causal=case.causal, grad_lse=grad_lse, mask=mask)
+    return {name: t.cpu() for name, t in {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}.items()}
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
