@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnkit.errors import UnsupportedError
-from attnkit.ops import BACKENDS, RULES, AttentionSpec, attention, attention_spec, backend_support, clear_caches, select_backend
+from attnkit.ops import BACKENDS, RULES, AttentionSpec, attention, attention_spec, backend_support, clear_caches, sdpa, select_backend
 
 
 def test_every_rule_names_known_backends():
@@ -32,10 +32,36 @@ def test_cuda_order_follows_measurements_and_support():
     assert select_backend(masked).chosen == "cudnn"  # an additive bias; 2.4x faster than efficient at BERT-512 (optimize run)
     grad_bias = AttentionSpec(batch=1, heads_q=16, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16, mask="additive", mask_requires_grad=True)
     assert select_backend(grad_bias).chosen == "efficient"  # cuDNN gives the bias no gradient
-    grouped = AttentionSpec(batch=1, heads_q=16, heads_kv=4, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16)
-    assert select_backend(grouped).candidates[:2] == ("flash", "cudnn")  # flash reads each K/V head once per group
     support = backend_support(AttentionSpec(batch=1, heads_q=4, seq_q=8, head_dim=8, device="cuda"))
     assert support["reference"] is None and "needs dtype float16 or bfloat16, got float32" in support["flash"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_grouped_calls_rank_cudnn_first_only_where_its_gqa_is_native(native, monkeypatch):
+    """Without native GQA cuDNN would need K/V repeated per query head, so flash (GQA native) goes first."""
+    monkeypatch.setattr(sdpa, "_native_gqa", native)
+    select_backend.cache_clear()
+    try:
+        grouped = AttentionSpec(batch=1, heads_q=16, heads_kv=4, seq_q=4096, head_dim=128, device="cuda", dtype=torch.bfloat16)
+        assert select_backend(grouped).candidates[:2] == (("cudnn", "flash") if native else ("flash", "cudnn"))
+    finally:
+        select_backend.cache_clear()
+
+
+def test_cudnn_gqa_probe_runs_with_autograd_outside_the_callers_modes(monkeypatch):
+    """optimize asks under inference mode, analyze under a fake-tensor mode: the probe (real CUDA tensors,
+    a backward) must still run as an eager training call would, or its False would stick for the process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen = []
+    monkeypatch.setattr(sdpa, "_native_gqa", None)
+    monkeypatch.setattr(sdpa, "_probe_cudnn_gqa", lambda: seen.append(
+        (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch._C._len_torch_dispatch_stack())) or True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with torch.inference_mode(), FakeTensorMode():
+        assert sdpa.cudnn_native_gqa() is True
+    assert seen == [(True, False, 0)]
+    assert sdpa.cudnn_native_gqa() is True and len(seen) == 1  # asked once per process
 
 
 def test_auto_matches_its_choice():

@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Hashable, Mapping
+from typing import Callable, Hashable, Mapping
 
 import torch
 
 from attnkit.ops.cache import on_clear
 from attnkit.ops.calls import forget_calls
 from attnkit.ops.registry import BACKENDS, backend_support
+from attnkit.ops.sdpa import cudnn_native_gqa
 from attnkit.ops.spec import AttentionSpec
 
 __all__ = ["Rule", "RULES", "BackendChoice", "select_backend"]
@@ -42,6 +43,8 @@ class Rule:
     """Longest of Sq and Skv."""
     grouped: bool | None = None
     """True for grouped-query calls (fewer K/V heads than query heads)."""
+    when: Callable[[], bool] | None = None
+    """A condition on this process (the torch build, the GPU) besides the call, e.g. a kernel's feature."""
 
     def matches(self, spec: AttentionSpec) -> bool:
         head_dim = max(spec.head_dim, spec.head_dim_v)
@@ -53,18 +56,21 @@ class Rule:
             and (self.dtypes is None or spec.dtype in self.dtypes)
             and (self.max_seq is None or max(spec.seq_q, spec.seq_kv) <= self.max_seq)
             and (self.grouped is None or self.grouped == (spec.heads_kv != spec.heads_q))
+            and (self.when is None or self.when())
         )
 
 
 RULES: tuple[Rule, ...] = (
     Rule(
         order=("flash", "cudnn", "efficient", "flex", "chunked", "math"),
-        why="grouped-query calls: the flash kernel reads each K/V head once for its whole query group, while "
-        "cuDNN and efficient need K and V repeated to every query head first (2 * Hq/Hkv copies of K/V per call); "
-        "the H100 optimize run had Llama-GQA's rewrite at 0.91x eager with cuDNN + copies "
-        "(benchmarks/results/optimize/optimize-nvidia-h100-80gb-hbm3-2026-11-27.json)",
+        why="grouped-query calls where this torch's cuDNN op needs K and V repeated to every query head "
+        "(ops.sdpa.cudnn_native_gqa is False): flash reads each K/V head once for its whole query group, while the "
+        "copies cost more than cuDNN gains; the H100 optimize run had Llama-GQA's rewrite at 0.91x eager with "
+        "cuDNN + copies (benchmarks/results/optimize/optimize-nvidia-h100-80gb-hbm3-2026-11-27.json). With native "
+        "GQA the CUDA rule below applies (cuDNN first)",
         device="cuda",
         grouped=True,
+        when=lambda: not cudnn_native_gqa(),
     ),
     Rule(
         order=("cudnn", "flash", "efficient", "flex", "chunked", "math"),

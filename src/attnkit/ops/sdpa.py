@@ -7,7 +7,7 @@ calls from several threads or streams don't interfere:
 * CPU flash: ``_scaled_dot_product_flash_attention_for_cpu`` (bool masks become additive; GQA native);
 * CUDA without a mask: ``_scaled_dot_product_flash_attention`` (its ``is_causal`` is bottom-right,
   FlashAttention-2's convention; GQA native), ``_scaled_dot_product_cudnn_attention`` (top-left
-  causal) and ``_efficient_attention_forward`` (``custom_mask_type`` 1 = top-left, 2 = bottom-right);
+  causal; GQA native where :func:`cudnn_native_gqa` finds it, else K/V repeated) and ``_efficient_attention_forward`` (``custom_mask_type`` 1 = top-left, 2 = bottom-right);
   with ``return_lse`` the ``ops.kernels`` pair inside an ``autograd.Function`` (which also
   backpropagates a gradient of the lse);
 * CUDA with a mask, or a causal offset the kernel's flag cannot express (``_cuda_biased``): the mask
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from attnkit.errors import UnsupportedError
 from attnkit.ops import kernels
@@ -47,6 +48,7 @@ __all__ = [
     "flash_plan",
     "cudnn_plan",
     "efficient_plan",
+    "cudnn_native_gqa",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -204,6 +206,48 @@ def _expand(k, v, heads_q):
     return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
 
 
+_native_gqa: bool | None = None  # cudnn_native_gqa's answer, found once per process
+
+
+def cudnn_native_gqa() -> bool:
+    """Whether this torch's cuDNN attention op takes fewer K/V heads than query heads (GQA) itself.
+
+    Found once, eagerly, from one tiny causal call, forward and backward, against the same call on
+    K/V repeated to every query head (torch 2.11 on an H200: yes, and transformers' ``F.sdpa`` with
+    ``enable_gqa`` runs it: 0.84 ms forward against 1.28 ms for flash on Llama-GQA at batch 64,
+    ``benchmarks/results/optimize/optimize-nvidia-h200-2026-11-27.json``, kernel profiles). While
+    ``torch.compile`` traces before the probe ran, the answer is False (K/V repeated: always exact).
+    """
+    global _native_gqa
+    if _native_gqa is None:
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return False
+        # Real tensors with autograd, whatever the caller's context: no_grad or inference mode (optimize's
+        # analysis), autocast, a fake-tensor or other dispatch mode (analyze, discover) would make the probe
+        # fail, and its answer is kept for the process.
+        with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
+            _native_gqa = _probe_cudnn_gqa()
+    return _native_gqa
+
+
+def _probe_cudnn_gqa() -> bool:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 128, 64, device="cuda", dtype=torch.bfloat16, generator=generator) for heads in (4, 2, 2))
+    results = []
+    try:
+        for key, value in ((k, v), _expand(k, v, 4)):
+            leaves = [t.detach().requires_grad_(True) for t in (q, key, value)]
+            out = _aten._scaled_dot_product_cudnn_attention(*leaves, None, True, 0.0, True, False)[0]
+            out.float().square().sum().backward()
+            results.append([out.float()] + [t.grad.float() for t in leaves])
+    except RuntimeError:
+        return False
+    (out, dq, dk, dv), (out_r, dq_r, dk_r, dv_r) = results
+    dk_r, dv_r = (g.unflatten(1, (2, 2)).sum(2) for g in (dk_r, dv_r))  # each K/V head's share summed over its group
+    return all(a.shape == b.shape and torch.allclose(a, b, rtol=2e-2, atol=2e-2) for a, b in
+               ((out, out_r), (dq, dq_r), (dk, dk_r), (dv, dv_r)))  # fmt: skip
+
+
 class _WithLse(torch.autograd.Function):
     """``ops.kernels`` forward and backward (including the gradient of the lse) as one autograd node."""
 
@@ -238,7 +282,8 @@ def _cuda_unmasked(kernel: str, q, k, v, options: AttentionOptions):
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if kernel == "flash":  # bottom-right causal == top-left when Sq == Skv
         return _aten._scaled_dot_product_flash_attention(q, k, v, options.dropout_p, causal, False, scale=options.scale)[0], None
-    k, v = _expand(k, v, q.shape[1])
+    if not (kernel == "cudnn" and cudnn_native_gqa()):
+        k, v = _expand(k, v, q.shape[1])
     if kernel == "cudnn":
         return _aten._scaled_dot_product_cudnn_attention(q, k, v, None, grad, 0.0, causal, False, scale=options.scale)[0], None
     bottom_right = options.causal_offset(seq_q, seq_kv) == seq_kv - seq_q
@@ -297,7 +342,7 @@ def _plan(kernel: str):
 
             def call(q, k, v, options):
                 return op(q, k, v, options.dropout_p, causal, False, scale=options.scale)[0]
-        elif kernel == "cudnn" and not expand:
+        elif kernel == "cudnn" and (not expand or cudnn_native_gqa()):
             op = _aten._scaled_dot_product_cudnn_attention.default
 
             def call(q, k, v, options):

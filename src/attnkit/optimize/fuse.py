@@ -121,6 +121,9 @@ class FusedLinear(nn.Module):
         for i in order:
             starts[i], offset = offset, offset + widths[i]
         self.starts = tuple(starts)
+        self.layout = tuple(order)
+        """Member indices in the order of their columns in the fused output."""
+        self.split_widths = tuple(widths[i] for i in order)
         self.out_features = offset
         self.bias_width = sum(w for w, b in zip(widths, has_bias) if b)
         self.weight = nn.Parameter(torch.empty(offset, in_features, device=device, dtype=dtype))
@@ -197,10 +200,12 @@ class FusedLinear(nn.Module):
                 return out
             # Called twice with the same input: compute this member alone, keep the siblings' slices.
             return F.linear(x, self.member_weight(index), self.member_bias(index))
-        full = self.forward(x)
-        slices = {i: full.narrow(-1, self.starts[i], self.widths[i]) for i in range(len(self.names)) if i != index}
-        self._pending = _Pending(weakref.ref(x), key, slices) if slices else None
-        return full.narrow(-1, start, width)
+        # One split, not a narrow per member: its backward is one cat of the members' gradients, where
+        # narrows would each zero-fill a gradient of the whole fused output and add them up.
+        parts = dict(zip(self.layout, torch.split(self.forward(x), self.split_widths, dim=-1)))
+        out = parts.pop(index)
+        self._pending = _Pending(weakref.ref(x), key, parts) if parts else None
+        return out
 
     def _key(self, x: torch.Tensor) -> tuple:
         """Everything besides the input's identity that a reused slice must agree on."""
