@@ -188,7 +188,7 @@ class FusedLinear(nn.Module):
             if traced is not None and traced[0] is x and traced[2] == mode:
                 return traced[1].narrow(-1, start, width)
             full = self.forward(x)
-            self._traced = (x, full, mode)
+            self.__dict__["_traced"] = (x, full, mode)  # see reset(): no nn.Module.__setattr__ per call
             return full.narrow(-1, start, width)
         key = self._key(x)
         pending = self._pending
@@ -196,7 +196,7 @@ class FusedLinear(nn.Module):
             out = pending.slices.pop(index, None)
             if out is not None:
                 if not pending.slices:
-                    self._pending = None
+                    self.__dict__["_pending"] = None
                 return out
             # Called twice with the same input: compute this member alone, keep the siblings' slices.
             return F.linear(x, self.member_weight(index), self.member_bias(index))
@@ -204,24 +204,27 @@ class FusedLinear(nn.Module):
         # narrows would each zero-fill a gradient of the whole fused output and add them up.
         parts = dict(zip(self.layout, torch.split(self.forward(x), self.split_widths, dim=-1)))
         out = parts.pop(index)
-        self._pending = _Pending(weakref.ref(x), key, parts) if parts else None
+        self.__dict__["_pending"] = _Pending(weakref.ref(x), key, parts) if parts else None
         return out
 
     def _key(self, x: torch.Tensor) -> tuple:
-        """Everything besides the input's identity that a reused slice must agree on."""
+        """Everything besides the input's identity that a reused slice must agree on (each member's call
+        computes it: kept to a few attribute reads, a host-bound BERT runs it 36 times per forward)."""
         device = x.device.type
-        bias = self.bias
+        weight, bias = self.weight, self.bias
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         return (
             None if x.is_inference() else x._version, x.requires_grad, x.dtype,
-            id(self.weight), self.weight._version, self.weight.data_ptr(),
+            id(weight), weight._version, weight.data_ptr(),
             None if bias is None else (id(bias), bias._version, bias.data_ptr()),
-            torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            torch.is_autocast_enabled(device), torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+            torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
         )  # fmt: skip
 
     def reset(self) -> None:
         """Drop any slices not yet handed out (called when the parent's forward starts and ends)."""
-        self._pending = self._traced = None
+        # Straight into __dict__: nn.Module.__setattr__ (parameter, buffer and submodule checks) costs
+        # microseconds, paid by every member call and by the parent's hooks twice per forward.
+        self.__dict__.update(_pending=None, _traced=None)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         """Emit the members' original ``<parent>.<name>.weight`` / ``.bias`` entries, in registration order."""

@@ -9,7 +9,10 @@ eager form computes every score. Registered with ``register_backend`` and not of
 ``sparse_attention`` sends ``Documents`` of one length alone (no key_mask) on CUDA half precision
 to ``sparse/dense_pieces.py`` instead: one batched dense cuDNN/flash call, which beats FlexAttention
 when the documents are long enough (``_PIECES_MIN_DOCUMENT``). Sliding windows stay on
-FlexAttention (as dense pieces they were no faster; numbers in dense_pieces.py).
+FlexAttention (as dense pieces they were no faster; numbers in dense_pieces.py), and so do documents
+of unequal lengths: FlashAttention-2's own window / variable-length kernel (``window_size_left``,
+``cum_seq``) was slower than Flex on an H200 from 32k tokens
+(``benchmarks/results/sparse/sparse-nvidia-h200-2026-11-27-session4-run7-flash-window-varlen.json``).
 """
 
 from __future__ import annotations
