@@ -136,6 +136,22 @@ OUTSIDE = {
 }
 
 
+def test_mask_edited_in_place_between_calls_is_seen():
+    """The additive mask and the no-key rows are built once per mask object: an in-place edit of the
+    mask (its version moves) must rebuild them, not reuse the first call's."""
+    theirs, ours = pair()
+    x, mask = make_input(), padding()
+    with torch.inference_mode():
+        first, _ = ours(x, x, x, key_padding_mask=mask, need_weights=False)
+    mask[2] = True  # element 2 now has no key
+    mask[0] = False
+    with torch.inference_mode():
+        second, _ = ours(x, x, x, key_padding_mask=mask, need_weights=False)
+        want, _ = theirs(x, x, x, key_padding_mask=mask, need_weights=False)
+    assert torch.equal(second[2], ours.out_proj.bias.detach().expand(S, E))
+    assert torch.equal(second[:2], want[:2]) and not torch.equal(second[0], first[0])
+
+
 def _call_kwargs(call: dict, dtype) -> dict:
     kwargs = {"need_weights": False} | call
     if kwargs.get("attn_mask") == "bool":

@@ -13,7 +13,8 @@ sparsity, a forced ``backend``, ``query_chunk_size``, ``is_causal``, ``need_weig
 and zeros from attnkit, and only a device sync could find such rows) and float masks (torch leaves
 its fast path for those too). A bool ``key_padding_mask`` is: a batch element whose every key is
 padding gets attnkit's zero-attention result (the output bias) instead of the kernel's NaN, with
-one reduction and one ``where``, no sync.
+one reduction and one ``where``, no sync; the mask's additive form and that reduction are built
+once per mask object (``ops.cache.per_mask``), so a stack of layers sharing one mask pays them once.
 
 Tracing (``torch.compile``, ``torch.export``), any torch dispatch mode (``make_fx``, fake tensors)
 and any torch function mode or tensor subclass (``attnkit.discover``'s interceptor) keep the
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from attnkit.nn.masks import masked_out_to_additive
+from attnkit.ops.cache import per_mask
 
 __all__ = ["why_not_fast_path", "fast_path"]
 
@@ -90,14 +92,19 @@ def fast_path(
     params = _parameters(module)  # fetched once: each nn.Module attribute costs a lookup
     if _why_not_inputs(cfg, params, query, key, value, key_padding_mask) is not None:
         return None
-    padding = None if key_padding_mask is None else masked_out_to_additive(key_padding_mask, query.dtype)  # (B, S)
-    out, _ = _native(
-        query, query, query, cfg.embed_dim, cfg.num_heads, *params, padding, False, True, None if padding is None else 1
-    )  # (B, S, E)
-    if key_padding_mask is not None:
-        # A batch element with no key to attend: zero attention, i.e. the output bias (NaN from the kernel on CPU).
-        out = torch.where(key_padding_mask.all(dim=1).view(-1, 1, 1), params[3], out)
-    return out, None
+    if key_padding_mask is None:
+        return _native(query, query, query, cfg.embed_dim, cfg.num_heads, *params, None, False, True, None)[0], None
+    # Built once per mask object (a TransformerEncoder hands every layer the same one), rebuilt after an
+    # in-place change: the additive form torch's kernel takes, and the batch elements with no key to attend.
+    padding, no_key = per_mask(key_padding_mask, ("fast path", query.dtype), lambda: _padding(key_padding_mask, query.dtype))
+    out, _ = _native(query, query, query, cfg.embed_dim, cfg.num_heads, *params, padding, False, True, 1)  # (B, S, E)
+    # A batch element with no key to attend: zero attention, i.e. the output bias (NaN from the kernel on CPU).
+    return torch.where(no_key, params[3], out), None
+
+
+def _padding(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(additive mask (B, S) in dtype, bool (B, 1, 1): the element has no key to attend)``."""
+    return masked_out_to_additive(key_padding_mask, dtype), key_padding_mask.all(dim=1).view(-1, 1, 1)
 
 
 def _parameters(module: nn.Module) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,9 @@ Which part of a block a step computes (rank ``r`` holding the K/V of rank ``j``)
 
 so with zigzag every rank computes the same amount at every step after the first. A sliding
 window or packed documents split each step into chunk pairs masked on global positions, and pairs
-the mask empties are skipped (``parallel.schedule``).
+the mask empties are skipped (``parallel.schedule``); packed documents alone run as dense
+per-document rectangles (no mask), and when no document crosses from one rank's chunks to
+another's the schedule is one step and nothing travels.
 
 Per step (what ring-flash-attention does too): the next K/V block's transfer is started before the
 current block's kernel is queued, in forward and backward; backward also passes the dK/dV sums of
