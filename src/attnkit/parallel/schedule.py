@@ -113,11 +113,10 @@ def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(end - count, end, value) for end, count, value in zip(ends, counts.tolist(), values.tolist())]
 
 
-def _overlapping(runs: list[tuple[int, int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
-    """The runs cut to ``[start, end)`` (``runs`` sorted and covering every position)."""
-    first = bisect.bisect_right([r[0] for r in runs], start) - 1  # fine for the few runs of a packed batch
+def _overlapping(runs: list[tuple[int, int, int]], starts: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    """The runs cut to ``[start, end)`` (``runs`` sorted and covering every position; ``starts`` their starts)."""
     cut = []
-    for run_start, run_end, value in runs[first:]:
+    for run_start, run_end, value in runs[bisect.bisect_right(starts, start) - 1 :]:
         if run_start >= end:
             break
         cut.append((max(run_start, start), min(run_end, end), value))
@@ -125,20 +124,24 @@ def _overlapping(runs: list[tuple[int, int, int]], start: int, end: int) -> list
 
 
 def _run_pieces(q_rows: slice, q_start: int, q_end: int, k_rows: slice, k_start: int, k_end: int, causal: bool,
-                runs: list[tuple[int, int, int]]) -> list[Piece] | None:
-    """The dense rectangles of one chunk pair (document runs with the same id), or None to use a mask."""
+                runs: list[tuple[int, int, int]], starts: list[int]) -> list[Piece] | None:  # fmt: skip
+    """The dense rectangles of one chunk pair (document runs with the same id), or None to use a mask
+    (keys and queries interleave, or more than ``MAX_RUN_PIECES`` rectangles). Linear in the runs."""
+    key_runs: dict[int, list[tuple[int, int]]] = {}
+    for c, d, doc in _overlapping(runs, starts, k_start, k_end):
+        key_runs.setdefault(doc, []).append((c, d))
     pieces = []
-    for a, b, doc in _overlapping(runs, q_start, q_end):
-        for c, d, other in _overlapping(runs, k_start, k_end):
-            if other != doc or (causal and c > b - 1):  # another document, or every key after every query
+    for a, b, doc in _overlapping(runs, starts, q_start, q_end):
+        for c, d in key_runs.get(doc, ()):
+            if causal and c > b - 1:  # every key after every query
                 continue
             diagonal = causal and (a, b) == (c, d)
-            if causal and not diagonal and d - 1 > a:  # keys and queries interleave: not a rectangle
+            if (causal and not diagonal and d - 1 > a) or len(pieces) == MAX_RUN_PIECES:  # interleaved, or too many
                 return None
             rows = slice(q_rows.start + a - q_start, q_rows.start + b - q_start)
             keys = slice(k_rows.start + c - k_start, k_rows.start + d - k_start)
             pieces.append(Piece(rows, keys, diagonal, None))
-    return pieces if len(pieces) <= MAX_RUN_PIECES else None
+    return pieces
 
 
 def _stays_on_its_rank(runs: list[tuple[int, int, int]], seq_len: int, world_size: int, layout: str) -> bool:
@@ -190,6 +193,7 @@ def ring_schedule(
     if documents is not None and window is None:
         on_host = documents.cpu()  # one copy (S ints), then no more waits on the GPU
         runs = _runs(on_host[0]) if bool((on_host == on_host[:1]).all()) else None
+    starts = None if runs is None else [run[0] for run in runs]
     steps = 1 if runs is not None and _stays_on_its_rank(runs, seq_len, world_size, layout) else world_size
     schedule = []
     for step in range(steps):
@@ -200,7 +204,7 @@ def ring_schedule(
         pieces = []
         for rows, q_start, q_end in q_chunks:
             for keys, k_start, k_end in _local(shard_chunks(seq_len, world_size, source, layout)):
-                rectangles = None if runs is None else _run_pieces(rows, q_start, q_end, keys, k_start, k_end, causal, runs)
+                rectangles = None if runs is None else _run_pieces(rows, q_start, q_end, keys, k_start, k_end, causal, runs, starts)
                 if rectangles is not None:
                     pieces.extend(rectangles)
                     continue
