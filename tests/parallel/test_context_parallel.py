@@ -292,7 +292,7 @@ def test_bad_input_raises_naming_the_parameter_on_every_rank():
         "scale_differs": "scale (float64 bits) on rank 1",
         "dtype_differs": "q.dtype on rank 1",
         "scale_nan": "scale: expected a finite positive number",
-        "documents_shape": "document_ids: expected an int tensor (B or 1, S_local) = (1 or 1, 6)",
+        "documents_shape": "document_ids: expected an int tensor (B or 1, S_local) = (1, 6)",
         "wait_first": "RuntimeError: RingComm.wait: called before commit()",
         "commit_empty": "RuntimeError: RingComm.commit: nothing queued",
     }

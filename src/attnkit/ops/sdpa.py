@@ -7,7 +7,8 @@ calls from several threads or streams don't interfere:
 * CPU flash: ``_scaled_dot_product_flash_attention_for_cpu`` (bool masks become additive; GQA native);
 * CUDA without a mask: ``_scaled_dot_product_flash_attention`` (its ``is_causal`` is bottom-right,
   FlashAttention-2's convention; GQA native), ``_scaled_dot_product_cudnn_attention`` (top-left
-  causal; GQA native where :func:`cudnn_native_gqa` finds it, else K/V repeated) and ``_efficient_attention_forward`` (``custom_mask_type`` 1 = top-left, 2 = bottom-right);
+  causal; GQA native where :func:`cudnn_native_gqa` finds it, else K/V repeated) and
+  ``_efficient_attention_forward`` (``custom_mask_type`` 1 = top-left, 2 = bottom-right);
   with ``return_lse`` the ``ops.kernels`` pair inside an ``autograd.Function`` (which also
   backpropagates a gradient of the lse);
 * CUDA with a mask, or a causal offset the kernel's flag cannot express (``_cuda_biased``): the mask

@@ -104,7 +104,7 @@ def check_masks(q: torch.Tensor, *, causal: bool, window: int | None, document_i
         check_arg(
             document_ids.dim() == 2 and document_ids.shape[0] in (1, q.shape[0]) and document_ids.shape[1] == q.shape[2] and not document_ids.is_floating_point(),
             "document_ids",
-            f"an int tensor (B or 1, S_local) = ({q.shape[0]} or 1, {q.shape[2]})",
+            f"an int tensor (B or 1, S_local) = ({'1' if q.shape[0] == 1 else f'{q.shape[0]} or 1'}, {q.shape[2]})",
             (document_ids.dtype, tuple(document_ids.shape)),
         )
     extra = {"window": -1 if window is None else window, "document_ids (rows, or -1)": -1 if document_ids is None else document_ids.shape[0]}
