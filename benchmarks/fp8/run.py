@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/fp8/run.py --probe --table --out $OUT     # layouts + auto-filter table
     PYTHONPATH=src python benchmarks/fp8/run.py --anchors --out $OUT           # issue 12's anchor table
     PYTHONPATH=src python benchmarks/fp8/run.py --eager --out $OUT             # the block without torch.compile
+    PYTHONPATH=src python benchmarks/fp8/run.py --gap --out $OUT               # tensorwise vs torchao, raced + kernels
 
 ``--probe``: which ``_scaled_mm`` scalings and layouts this GPU/torch runs (blockwise included).
 ``--table``: speed-up grid for ``attnkit.fp8.auto_filter`` (copy ``fp8-table-*.json`` to
@@ -13,6 +14,10 @@ Llama-style block without ``torch.compile``: bf16, each recipe (fused Triton cas
 tensorwise and rowwise again on the torch casts, torchao's recipes when importable. Times are medians of
 CUDA events around one fwd+bwd each. One JSON record per mode: device, torch, date, command, shapes, ms,
 TFLOP/s (GEMM FLOPs: 6 M K N per linear), speed-ups over bf16 measured in the same run.
+``--gap``: the anchor shapes once more, each compiled statically (one graph per shape), with bf16,
+attnkit tensorwise and torchao tensorwise raced in interleaved rounds (``attnkit.bench.race``: paired
+ratios, so clock drift cancels), and each variant's CUDA kernels by name at every shape: where the
+time of one fwd+bwd goes, GEMMs against casts.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnkit.fp8.linear
-from attnkit.bench import time_fn
+from attnkit.bench import kernel_stats, race, time_fn
 from attnkit.fp8 import (Float8TrainingConfig, Granularity, conversion_plan, convert_to_float8_training,
                          native_blockwise_support, quantize, scaled_gemm)
 
@@ -291,6 +296,38 @@ def eager_block(args, save) -> dict:
     return out
 
 
+def gap(args, save) -> dict:
+    """Tensorwise attnkit vs torchao vs bf16 per anchor shape: static compile, raced, kernels by name."""
+    out = {"compile": "torch.compile per shape (static)", "timing": f"attnkit.bench.race: {args.rounds} interleaved "
+           f"rounds x {args.reps} fwd+bwd after {args.warmup} warm-ups; speed-up = median paired ratio", "shapes": {}}
+    variants = {name: fn for name, fn in _variants(16384, not args.no_torchao).items()
+                if name in ("bf16", "attnkit:tensorwise", "torchao:tensorwise")}
+    for m, k, n in (tuple(int(d) for d in shape.split("x")) for shape in args.gap_shapes.split(",")):
+        torch._dynamo.reset()
+        x, grad = _linear_case(m, k, n)
+        steps = {}
+        for name, convert in variants.items():
+            torch.manual_seed(0)
+            module = torch.compile(convert(nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)))
+            steps[name] = _fwd_bwd(module, x, grad)
+            steps[name]()  # compile outside the race
+        entries = race(steps, baseline="bf16", rounds=args.rounds, repeats=args.reps, warmup=args.warmup, device="cuda")
+        row = {name: {"median_ms": round(e.median_ms, 4), "speedup": None if e.speedup is None else round(e.speedup, 3),
+                      "ratios": [round(r, 3) for r in e.ratios], "error": e.error}
+               for name, e in entries.items()}
+        for name, step in steps.items():
+            count, by_name = kernel_stats(step, iters=3)
+            top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+            row[name]["kernels_per_step"] = count
+            row[name]["kernel_ms"] = round(sum(by_name.values()), 4)
+            row[name]["top_kernels_ms"] = {kname[:160]: round(ms, 4) for kname, ms in top}
+        out["shapes"][f"{m}x{k}x{n}"] = row
+        save(out)
+        print(f"{m}x{k}x{n}", {name: (r["median_ms"], r["speedup"], r["kernel_ms"]) for name, r in row.items()}, flush=True)
+        del steps, x, grad
+    return out
+
+
 def _speedups(out: dict) -> None:
     for section in ("linear", "llama_block"):
         if section not in out:
@@ -319,10 +356,13 @@ def main() -> None:
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--anchors", action="store_true")
     parser.add_argument("--eager", action="store_true", help="the Llama-style block without torch.compile")
+    parser.add_argument("--gap", action="store_true", help="tensorwise vs torchao vs bf16: static compile, raced, kernels")
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao peer")
     parser.add_argument("--block-only", action="store_true", help="--anchors: only the Llama-style block (no linear shapes)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7, help="--gap: interleaved rounds")
+    parser.add_argument("--gap-shapes", default="8192x8192x8192,16384x8192x8192", help="--gap: MxKxN shapes, comma-separated")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting anchor variants after this")
     args = parser.parse_args()
     for name in ("cache_size_limit", "recompile_limit"):
@@ -334,7 +374,7 @@ def main() -> None:
     header = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda, "date": date,
               "command": "python " + " ".join(sys.argv), "torchao": _torchao()[0], "triton": _triton_version()}
     args.out.mkdir(parents=True, exist_ok=True)
-    for mode, fn in (("probe", probe), ("table", table), ("bench", anchors), ("eager", eager_block)):
+    for mode, fn in (("probe", probe), ("table", table), ("bench", anchors), ("eager", eager_block), ("gap", gap)):
         if not getattr(args, "anchors" if mode == "bench" else mode):
             continue
         path = args.out / f"fp8-{mode}-{slug}-{date}.json"

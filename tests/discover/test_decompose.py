@@ -110,3 +110,30 @@ def test_sdpa_kernel_op_is_decomposed():
     decomposed = decompose_attention(captured)
     assert len(decomposed.replaced) == 1
     _assert_equivalent(captured, decomposed)
+
+
+def test_decomposed_output_keeps_the_kernels_layout():
+    """torch 2.11's export views the transpose of SDPA's output, valid only for the kernels' (B, S, H, D)-major
+    strides: the decomposed output must come back in that layout (a planted contiguous one must not pass)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx import Graph, GraphModule
+
+    from attnkit.discover.decompose import _Emitter, _match_layout
+
+    mode = FakeTensorMode()
+    with mode:
+        like = torch.empty(2, 8, 4, 16).transpose(1, 2)  # (B, H, S, D) with (B, S, H, D)-major strides
+        x = torch.empty(2, 4, 8, 16)
+    graph = Graph()
+    source = graph.placeholder("x")
+    source.meta["val"] = x
+    emit = _Emitter(graph, graph.call_function(torch.ops.aten.clone.default, (source,)))
+    out = emit(torch.ops.aten.mul.Tensor, source, 2.0)
+    result = _match_layout(emit, out, like)
+    viewed = graph.call_function(torch.ops.aten.view.default, (graph.call_function(torch.ops.aten.transpose.int, (result, 1, 2)), [2, 8, 64]))
+    graph.output(viewed)
+    value = torch.randn(2, 4, 8, 16)
+    torch.testing.assert_close(GraphModule(torch.nn.Module(), graph)(value), (value * 2).transpose(1, 2).reshape(2, 8, 64))
+    assert result is not out and result.meta["val"].stride() == like.stride()
+    with pytest.raises(RuntimeError, match="view size is not compatible"):  # the layout the fix restores matters
+        (value * 2).transpose(1, 2).view(2, 8, 64)

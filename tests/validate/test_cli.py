@@ -26,7 +26,7 @@ def app(monkeypatch):
 
 
 def test_passes_with_exit_0_and_writes_json_and_plots(app, tmp_path):
-    result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--backends", "math,flash", "--seed", "3", "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")])
+    result = CliRunner().invoke(app, ["validate", "user.module:tiny", "--quick", "--backends", "math,flash", "--seed", "3", "--device", "cpu", "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["seed"] == 3

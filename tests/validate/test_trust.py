@@ -72,7 +72,7 @@ def test_zeroed_k_gradient_fails_only_on_dk(results):
 def test_validate_flags_every_fault_on_a_model():
     """End to end: the layers are discovered from the model, not described by hand."""
     config = ValidateConfig.preset("quick", stages=("compatibility", "accuracy"), backends=("math", "chunked"), extra_backends=FAULTS)
-    report = validate(TinyDecoder(), example_inputs=tiny_inputs(), config=config)
+    report = validate(TinyDecoder(), example_inputs=tiny_inputs(), config=config, device="cpu")
     assert not report.passed
     assert {r.backend for r in report.failures} == set(FAULTS) - {"ignores_scale"}  # TinyDecoder uses the default scale
     assert all(r.status == "pass" for r in report.accuracy if r.backend in ("math", "chunked"))

@@ -13,7 +13,7 @@ from planted import TinyDecoder, scale_one_over_d, tiny_inputs
 @pytest.fixture(scope="module")
 def report():
     config = ValidateConfig.preset("quick", backends=("math", "flash"), extra_backends={"bad": scale_one_over_d}, repeats=3)
-    return validate(TinyDecoder(), example_inputs=tiny_inputs(), config=config)
+    return validate(TinyDecoder(), example_inputs=tiny_inputs(), config=config, device="cpu")
 
 
 def test_every_stage_ran_and_is_marked_cpu(report):
@@ -55,10 +55,10 @@ def test_markdown_render_and_plots(report, tmp_path, capsys):
 
 def test_inputs_are_fresh_unless_seeded():
     config = ValidateConfig.preset("quick", stages=("compatibility", "accuracy"), backends=("math",), model_output=False)
-    first, second = (validate(TinyDecoder(), example_inputs=tiny_inputs(), config=config) for _ in range(2))
+    first, second = (validate(TinyDecoder(), example_inputs=tiny_inputs(), config=config, device="cpu") for _ in range(2))
     assert first.seed != second.seed
     seeded = ValidateConfig.preset("quick", stages=("compatibility", "accuracy"), backends=("chunked",), model_output=False, seed=7)
-    a, b = (validate(TinyDecoder(), example_inputs=tiny_inputs(), config=seeded) for _ in range(2))
+    a, b = (validate(TinyDecoder(), example_inputs=tiny_inputs(), config=seeded, device="cpu") for _ in range(2))
     assert [r.errors["dq"].max_abs for r in a.accuracy] == [r.errors["dq"].max_abs for r in b.accuracy]
 
 

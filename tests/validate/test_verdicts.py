@@ -25,7 +25,7 @@ def _mlp():
 
 def test_no_attention_is_its_own_verdict_not_a_pass():
     model, inputs = _mlp()
-    report = validate(model, example_inputs=inputs, config=ValidateConfig.preset("quick", seed=0))
+    report = validate(model, example_inputs=inputs, config=ValidateConfig.preset("quick", seed=0), device="cpu")
     assert report.attention_calls == 0 and not report.found_attention
     assert not report.passed and report.verdict == "NO ATTENTION"
     assert set(report.skipped) == {"accuracy", "performance", "compile_amp"}
@@ -48,7 +48,7 @@ def _bert(attn_implementation):
 
 def test_recommends_sdpa_only_where_transformers_accepts_it():
     ids = (torch.randint(0, 100, (1, 12)),)
-    bert = validate(_bert("eager"), example_inputs=ids, config=_COMPATIBILITY)
+    bert = validate(_bert("eager"), example_inputs=ids, config=_COMPATIBILITY, device="cpu")
     assert bert.passed and bert.attention_calls == 2
     assert any("load it with attn_implementation='sdpa'" in rec.text for rec in bert.recommendations)
     assert _bert("eager").get_correct_attn_implementation("sdpa") == "sdpa"  # transformers agrees
@@ -57,7 +57,7 @@ def test_recommends_sdpa_only_where_transformers_accepts_it():
     with pytest.raises(ValueError, match="does not support"):  # what a user following an 'sdpa' advice would hit
         BloomModel(BloomConfig(**bloom_config, attn_implementation="sdpa"))
     bloom_model = BloomModel(BloomConfig(**bloom_config)).eval()
-    bloom = validate(bloom_model, example_inputs=ids, example_kwargs={"use_cache": False}, config=_COMPATIBILITY)
+    bloom = validate(bloom_model, example_inputs=ids, example_kwargs={"use_cache": False}, config=_COMPATIBILITY, device="cpu")
     texts = [rec.text for rec in bloom.recommendations]
     assert not any("'sdpa'" in text for text in texts), texts
     assert any("the only implementation BloomModel offers" in text for text in texts), texts

@@ -45,7 +45,8 @@ class DecomposedGraph:
     nodes_after: int
     """Nodes in the decomposed graph."""
     replaced: dict[str, tuple[str, ...]]
-    """SDPA node name -> names of the primitive nodes that replace it, in order."""
+    """SDPA node name -> names of the primitive nodes that compute it, in order (a copy into the kernel's
+    output strides, where they differ, follows them and is not listed)."""
 
     def __repr__(self) -> str:
         return (
@@ -78,8 +79,8 @@ def decompose_attention(captured: CapturedGraph) -> DecomposedGraph:
     for node in list(graph.nodes):
         if op_name(node) in SDPA_OPS and (out := _output_user(node)) is not None:
             with graph.inserting_before(node):
-                new_nodes = _decompose(graph, node)
-            out.replace_all_uses_with(new_nodes[-1])
+                new_nodes, result = _decompose(graph, node, out.meta["val"])
+            out.replace_all_uses_with(result)
             for dead in [*node.users, node]:  # the SDPA node and its (now unused) getitems
                 graph.erase_node(dead)
             replaced[node.name] = tuple(new.name for new in new_nodes)
@@ -102,7 +103,9 @@ def _output_user(node: Node) -> Node | None:
     return outputs[0] if len(outputs) == 1 and not others_used else None
 
 
-def _decompose(graph: Graph, sdpa: Node) -> list[Node]:
+def _decompose(graph: Graph, sdpa: Node, like: torch.Tensor) -> tuple[list[Node], Node]:
+    """``(the primitive nodes computing sdpa's output, the node holding it laid out like like)``; the
+    layout nodes (a copy into the kernel's strides, where they differ) are not among the first."""
     arguments = sdpa_arguments(sdpa)
     q, k, v, mask = arguments["query"], arguments["key"], arguments["value"], arguments["attn_mask"]
     q_shape, k_shape = q.meta["val"].shape, k.meta["val"].shape
@@ -127,8 +130,24 @@ def _decompose(graph: Graph, sdpa: Node) -> list[Node]:
     probabilities = emit(aten._safe_softmax.default if masked else aten.softmax.int, scores, -1)
     if arguments["dropout_p"] > 0:
         probabilities = emit(aten.dropout.default, probabilities, arguments["dropout_p"], True)
-    emit(aten.matmul.default, probabilities, v)
-    return emit.nodes
+    out = emit(aten.matmul.default, probabilities, v)
+    steps = list(emit.nodes)
+    return steps, _match_layout(emit, out, like)
+
+
+def _match_layout(emit: "_Emitter", out: Node, like: torch.Tensor) -> Node:
+    """Give the decomposed output the kernel's memory layout, a permutation of a dense tensor (SDPA's CPU
+    and CUDA kernels return (B, S, H, D)-major outputs): the captured code after it may rely on those
+    strides (torch 2.11's export views the output's transpose, which only that layout allows)."""
+    got = out.meta["val"]
+    sizes, strides = like.shape, like.stride()
+    if not all(isinstance(n, int) for n in (*sizes, *strides)):  # symbolic shapes: no layout to match
+        return out
+    if all(a == b for size, a, b in zip(sizes, strides, got.stride()) if size > 1):
+        return out
+    order = sorted(range(like.dim()), key=lambda d: (-strides[d], d))  # outermost dimension first
+    dense = emit(aten.clone.default, emit(aten.permute.default, out, order), memory_format=torch.contiguous_format)
+    return emit(aten.permute.default, dense, [order.index(d) for d in range(like.dim())])
 
 
 class _Emitter:

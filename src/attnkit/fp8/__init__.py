@@ -15,7 +15,7 @@ from attnkit.fp8.config import Float8Format, Float8TrainingConfig, Recipe
 from attnkit.fp8.convert import conversion_plan, convert_from_float8_training, convert_to_float8_training
 from attnkit.fp8.fsdp import Float8AllGatheredWeight, WeightWithFloat8AllGather
 from attnkit.fp8.fused import Float8FusedLinear
-from attnkit.fp8.gemm import fp8_unavailable, native_blockwise_support, scaled_gemm
+from attnkit.fp8.gemm import fp8_unavailable, native_blockwise_support, native_support, scaled_gemm
 from attnkit.fp8.linear import Float8Linear
 from attnkit.fp8.report import Float8LayerPlan, Float8Report, float8_report
 from attnkit.fp8.scaling import Granularity, Quantized, dequantize, quantize, sqnr
@@ -36,5 +36,5 @@ __all__ = [
     # training step
     "Float8TrainStep", "Float8StepStats",
     # numerics building blocks
-    "quantize", "dequantize", "Quantized", "Granularity", "scaled_gemm", "native_blockwise_support", "fp8_unavailable", "sqnr",
+    "quantize", "dequantize", "Quantized", "Granularity", "scaled_gemm", "native_support", "native_blockwise_support", "fp8_unavailable", "sqnr",
 ]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from attnkit.fp8.scaling import Granularity, Quantized, dequantize
 
-__all__ = ["scaled_gemm", "native_blockwise_support"]
+__all__ = ["scaled_gemm", "native_support", "native_blockwise_support"]
 
 
 def scaled_gemm(a: Quantized, b: Quantized, out_dtype: torch.dtype, *, bias: torch.Tensor | None = None,
@@ -85,24 +85,38 @@ def _block_scale(q: Quantized) -> torch.Tensor:
     return F.pad(q.scale, (0, pad), value=1.0).t()
 
 
+_PROBED = {  # first operand's scales -> (what the probe is called in messages, the second operand's scales)
+    Granularity.ROW: ("rowwise", Granularity.ROW),
+    Granularity.BLOCK_1X128: ("blockwise", Granularity.BLOCK_128X128),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def native_blockwise_support(device_type: str) -> str | None:
-    """None if this device runs blockwise FP8 GEMMs natively, else the reason (then emulate)."""
-    if not hasattr(torch, "_scaled_mm_v2"):
+def native_support(device_type: str, granularity: Granularity) -> str | None:
+    """None if this device runs FP8 GEMMs with ``granularity`` scales (``ROW`` or ``BLOCK_1X128``) natively,
+    else the reason (then emulate). Tensorwise needs no probe; rowwise does where torch's CPU
+    ``_scaled_mm`` takes per-tensor scales only (torch 2.11: an internal assert), blockwise everywhere."""
+    name, other = _PROBED[granularity]
+    if granularity is Granularity.BLOCK_1X128 and not hasattr(torch, "_scaled_mm_v2"):
         return f"torch {torch.__version__} has no torch._scaled_mm_v2 (blockwise scaling types)"
     from attnkit.fp8.scaling import quantize
 
     x = torch.randn(128, 256, device=device_type)
-    a = quantize(x, torch.float8_e4m3fn, Granularity.BLOCK_1X128)
-    b = quantize(x, torch.float8_e4m3fn, Granularity.BLOCK_128X128)
+    a = quantize(x, torch.float8_e4m3fn, granularity)
+    b = quantize(x, torch.float8_e4m3fn, other)
     try:
         got = scaled_gemm(a, b, torch.float32)
     except (RuntimeError, NotImplementedError, ValueError) as err:
         return f"{device_type}: {str(err).splitlines()[0][:200]}"
     want = scaled_gemm(a, b, torch.float32, emulate=True)
     if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
-        return f"{device_type}: blockwise _scaled_mm ran but disagreed with the emulation (layout mismatch)"
+        return f"{device_type}: {name} _scaled_mm ran but disagreed with the emulation (layout mismatch)"
     return None
+
+
+def native_blockwise_support(device_type: str) -> str | None:
+    """None if this device runs blockwise FP8 GEMMs natively, else the reason (then emulate)."""
+    return native_support(device_type, Granularity.BLOCK_1X128)
 
 
 _MIN_CAPABILITY = (8, 9)
@@ -119,4 +133,6 @@ def fp8_unavailable(device: torch.device, recipe: str) -> str | None:
         return f"{name} is sm{capability[0]}{capability[1]}: no FP8 tensor cores (needs sm89+)"
     if recipe == "blockwise":
         return native_blockwise_support(device.type)
+    if recipe.startswith("rowwise"):
+        return native_support(device.type, Granularity.ROW)
     return None

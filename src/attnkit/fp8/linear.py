@@ -38,7 +38,7 @@ from torch import nn
 from attnkit.errors import UnsupportedError, check_type
 from attnkit.fp8.config import Float8TrainingConfig, Recipe
 from attnkit.fp8.fsdp import Float8AllGatheredWeight, WeightWithFloat8AllGather
-from attnkit.fp8.gemm import native_blockwise_support, scaled_gemm
+from attnkit.fp8.gemm import native_support, scaled_gemm
 from attnkit.fp8.scaling import Granularity, Quantized, compute_amax, quantize, update_amax_history
 
 __all__ = ["Float8Linear"]
@@ -159,6 +159,13 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+_PROBED_SCALES = {  # recipes whose scales not every device's _scaled_mm takes: probed once per device type
+    Recipe.ROWWISE: Granularity.ROW,
+    Recipe.ROWWISE_WITH_GW_HP: Granularity.ROW,
+    Recipe.BLOCKWISE: Granularity.BLOCK_1X128,
+}
+
+
 def _init_float8_state(module: nn.Module, config: Float8TrainingConfig, device: torch.device) -> None:
     """Check ``module``'s ``in_features``/``out_features`` against ``config`` and register the FP8 buffers."""
     check_type(config, Float8TrainingConfig, "config")
@@ -168,10 +175,11 @@ def _init_float8_state(module: nn.Module, config: Float8TrainingConfig, device: 
             f"{type(module).__name__}({module.in_features}, {module.out_features}): recipe {config.recipe.value!r} needs "
             f"in_features and out_features divisible by {block}; keep this layer in high precision "
             "(convert_to_float8_training's filter does so automatically).")
-    if config.recipe is Recipe.BLOCKWISE and not config.emulate and device.type != "meta":
-        reason = native_blockwise_support(device.type)
+    probed = _PROBED_SCALES.get(config.recipe)
+    if probed is not None and not config.emulate and device.type != "meta":
+        reason = native_support(device.type, probed)
         if reason is not None:
-            raise UnsupportedError(f"blockwise FP8 GEMMs do not run natively here ({reason}); "
+            raise UnsupportedError(f"{config.recipe.value} FP8 GEMMs do not run natively here ({reason}); "
                                    "pass emulate=True in the config to emulate them (not fast).")
     module.config = config
     module.register_buffer("fp8_overflow_counts", torch.zeros(3, dtype=torch.int64, device=device), persistent=False)

@@ -43,6 +43,9 @@ from attnkit.errors import check_arg, check_type
 __all__ = ["FusionGroup", "FusionRefusal", "FusionPlan", "FusedLinear", "FusedProjection", "plan_fusion", "apply_fusion", "fused_groups"]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+_is_grad_enabled, _is_inference_mode_enabled = torch.is_grad_enabled, torch.is_inference_mode_enabled
+_is_autocast_enabled, _autocast_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+_is_compiling = torch.compiler.is_compiling
 
 
 @dataclass(frozen=True)
@@ -181,14 +184,14 @@ class FusedLinear(nn.Module):
     def member_output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """What member ``index``'s ``nn.Linear`` returns for ``x``, from one GEMM shared with its siblings."""
         start, width = self.starts[index], self.widths[index]
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             # Traced dataflow: the siblings' narrows read one GEMM node of the graph.
             mode = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
             traced = self._traced
             if traced is not None and traced[0] is x and traced[2] == mode:
                 return traced[1].narrow(-1, start, width)
             full = self.forward(x)
-            self.__dict__["_traced"] = (x, full, mode)  # see reset(): no nn.Module.__setattr__ per call
+            self._traced = (x, full, mode)  # nn.Module.__setattr__: the write dynamo traces (see reset())
             return full.narrow(-1, start, width)
         key = self._key(x)
         pending = self._pending
@@ -208,22 +211,29 @@ class FusedLinear(nn.Module):
         return out
 
     def _key(self, x: torch.Tensor) -> tuple:
-        """Everything besides the input's identity that a reused slice must agree on (each member's call
-        computes it: kept to a few attribute reads, a host-bound BERT runs it 36 times per forward)."""
-        device = x.device.type
-        weight, bias = self.weight, self.bias
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        """Everything besides the input's identity that a reused slice must agree on: the input's and the
+        weights' in-place versions and storage, x's dtype and whether it needs a gradient, and the grad, inference and
+        autocast modes. Each member's call computes it, so it is kept to a few attribute reads (a host-bound
+        BERT runs it 36 times per forward)."""
+        params = self.__dict__["_parameters"]  # nn.Module.__getattr__ costs a lookup chain per read
+        weight, bias = params["weight"], params["bias"]
+        device = "cuda" if x.is_cuda else x.device.type
         return (
-            None if x.is_inference() else x._version, x.requires_grad, x.dtype,
-            id(weight), weight._version, weight.data_ptr(),
-            None if bias is None else (id(bias), bias._version, bias.data_ptr()),
-            torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+            None if x.is_inference() else x._version, x.data_ptr(), x.dtype, x.requires_grad,
+            weight._version, weight.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()),
+            _is_grad_enabled(), _is_inference_mode_enabled(),
+            _autocast_dtype(device) if _is_autocast_enabled(device) else None,
         )  # fmt: skip
 
     def reset(self) -> None:
         """Drop any slices not yet handed out (called when the parent's forward starts and ends)."""
-        # Straight into __dict__: nn.Module.__setattr__ (parameter, buffer and submodule checks) costs
-        # microseconds, paid by every member call and by the parent's hooks twice per forward.
+        if _is_compiling():
+            # nn.Module.__setattr__, which dynamo traces; torch 2.11's dynamo breaks the graph on a write
+            # through __dict__ (one break per fused parent: BERT-128 compiled 2x slower, seen on an H200)
+            self._pending = self._traced = None
+            return
+        # Eager: straight into __dict__, as nn.Module.__setattr__ (parameter, buffer and submodule checks)
+        # costs microseconds, paid by the parent's hooks twice per forward.
         self.__dict__.update(_pending=None, _traced=None)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

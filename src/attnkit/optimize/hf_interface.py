@@ -155,7 +155,7 @@ def _forward(
         mask = _with_bias(mask, position_bias, key.dtype)
     if not torch.compiler.is_compiling() and _RECORDING.get() is not None:
         _record(module, query, key, value, mask, is_causal, scaling, dropout, backend)
-    if query.dtype in _HALF and query.device.type == "cpu" and mask is not None and mask.requires_grad and torch.is_grad_enabled():
+    if mask is not None and mask.requires_grad and query.dtype in _HALF and query.device.type == "cpu" and torch.is_grad_enabled():
         # A learned bias (T5 training) needs a kernel that backpropagates into the mask: on CPU an
         # explicit softmax, which PyTorch's SDPA math kernel runs in fp32 for half inputs; so do we.
         out = attention(query.float(), key.float(), value.float(), mask=mask.float(), causal=is_causal, scale=scaling, dropout_p=float(dropout), backend=backend)

@@ -15,6 +15,7 @@ from torch import nn
 from attnkit.errors import check_arg, check_type
 from attnkit.ops import BACKENDS
 from attnkit.utils.dtypes import dtype_name, parse_dtype
+from attnkit.utils.trees import cast_floating
 from attnkit.validate.accuracy import cast_inputs, check_model_output, low_precision_copy, reference_output, run_accuracy
 from attnkit.validate.compatibility import environment, layer_support
 from attnkit.validate.compile_amp import check_autocast, check_compile
@@ -32,13 +33,17 @@ def _load_model(model_or_name: Any, example_inputs, example_kwargs, dtype, devic
 
         zoo = build_model(model_or_name, batch_size=batch_size or 1, seq_len=seq_len, dtype=dtype, device=device)
         return zoo.name, zoo.model, zoo.example_inputs, zoo.example_kwargs
+    # A model and inputs the user built (on the CPU, typically) follow the model to ``device``, the default
+    # CUDA GPU where there is one: weights and inputs on two devices would fail in the first forward.
     if hasattr(model_or_name, "example_inputs") and isinstance(getattr(model_or_name, "model", None), nn.Module):  # a ZooModel
         zoo = model_or_name
-        return zoo.name, zoo.model.to(device), zoo.example_inputs, zoo.example_kwargs
+        inputs, kwargs = cast_floating(tuple(zoo.example_inputs), device=device), cast_floating(dict(zoo.example_kwargs), device=device)
+        return zoo.name, zoo.model.to(device), inputs, kwargs
     check_type(model_or_name, nn.Module, "model_or_name", "Pass a zoo name (see attnkit.models.list_models()), a ZooModel or an nn.Module.")
     check_arg(example_inputs is not None, "example_inputs", "a tuple of inputs for an nn.Module", None, "validate(model, example_inputs=(x,))")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    return type(model_or_name).__name__, model_or_name.eval().to(device), inputs, dict(example_kwargs or {})
+    kwargs = dict(example_kwargs or {})
+    return type(model_or_name).__name__, model_or_name.eval().to(device), cast_floating(inputs, device=device), cast_floating(kwargs, device=device)
 
 
 def _accepts_sdpa(model: nn.Module) -> bool:
