@@ -40,6 +40,7 @@ test-latest:
 test-timing: install-dev
 	$(PY) -m pytest -q -m timing
 
-# On the GPU machine: only the GPU-marked tests.
+# On the GPU machine: the CPU suite on its torch and transformers (8 workers), then the GPU-marked tests.
 test-gpu:
+	$(PY) -m pytest -q -n 8 --dist loadfile -m "not gpu and not multi_gpu and not timing and not zoo"
 	$(PY) -m pytest -q -m "gpu or multi_gpu"

@@ -23,9 +23,11 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 12
     With ``"nccl"`` rank ``r`` uses CUDA device ``r``. Fails the test (after killing every rank)
     when the ranks are not done within ``timeout`` s.
     """
-    # Forked ranks start in well under a second (torch and attnkit are already imported); a process
-    # that has initialized CUDA cannot fork safely, so it spawns (seconds per rank) instead.
-    method = "spawn" if backend == "nccl" or torch.cuda.is_initialized() else "fork"
+    # Forked ranks start in well under a second (torch and attnkit are already imported). Where CUDA is
+    # available a fork is not safe: a process that initialized CUDA cannot fork, and once any backward ran,
+    # autograd's device threads make the forked ranks' backward fail ("Autograd and Fork"; seen on the GPU
+    # machine when another test file of the same worker had trained something), so it spawns (seconds per rank).
+    method = "spawn" if backend == "nccl" or torch.cuda.is_available() else "fork"
     with tempfile.TemporaryDirectory() as folder:
         context = mp.start_processes(_rank_main, args=(world_size, backend, folder, fn, args), nprocs=world_size,
                                      join=False, start_method=method)  # fmt: skip

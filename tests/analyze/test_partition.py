@@ -141,17 +141,21 @@ def test_config_presets_and_validation():
 
 
 def test_vit_b_16_eager_kernel_count_is_plausible(captured_zoo):
-    """H100 reference: torchvision ViT-B/16 fp32 batch 1 eager launched 162 CUDA kernels (the count does not
-    depend on the batch; the shared capture is at batch 2)."""
+    """torchvision's ViT-B/16 (where torchvision imports) against the 129 eager kernels measured on an H100 in bf16
+    (benchmarks/results/analyze/analyze-profile-nvidia-h100-80gb-hbm3-2026-11-22.json), within 10%. The
+    transformers ViT that stands in for it elsewhere: 12 kernels per encoder layer, 130-178 in all (torchvision's
+    fp32 run launched 162)."""
     zoo, captured, sites = captured_zoo("vit_b_16")
-    eager = partition(captured.graph_module.graph, torch.float32, "eager", sites=sites)
-    assert 0.8 * 162 <= len(eager.kernels) <= 1.1 * 162
-    if zoo.source != "transformers":  # torchvision (where it imports) names its blocks differently
+    if zoo.source == "torchvision":
+        eager = partition(captured.graph_module.graph, torch.bfloat16, "eager", sites=sites)
+        assert 0.9 * 129 <= len(eager.kernels) <= 1.1 * 129
         return
+    eager = partition(captured.graph_module.graph, torch.float32, "eager", sites=sites)
     per_layer = collections.Counter(k.layer for k in eager.kernels)
     layers = [layer for layer in per_layer if layer.split(".")[-1].isdigit()]
     assert len(layers) == 12
     assert {per_layer[layer] for layer in layers} == {12}  # ln, q, k, v, sdpa, out, add, ln, fc1, gelu, fc2, add
+    assert 0.8 * 162 <= len(eager.kernels) <= 1.1 * 162
 
 
 def test_compiled_keeps_gemms_unfused_like_default_torch_compile(bert):

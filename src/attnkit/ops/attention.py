@@ -14,6 +14,7 @@ import torch
 from attnkit.errors import UnsupportedError, check_type, fail
 from attnkit.ops.auto import select_backend
 from attnkit.ops.cache import per_mask
+from attnkit.ops import calls as _calls
 from attnkit.ops.calls import CALLS, KnownCall, call_key, remember
 from attnkit.ops.inputs import attention_spec, resolve_block_pattern
 from attnkit.ops.masks import permits_everything
@@ -96,9 +97,12 @@ def attention(
     fresh = known is None and key is not None  # remember it once it has run
     if known is None:
         known = _check(q, k, v, mask, causal, scale, dropout_p, dropout_mask, return_lse, backend, q_start, kv_start)
-    else:
+    elif len(CALLS) > _calls.MAX_CALLS // 2:
+        # Least recently used goes first. Recency matters only near eviction, so the reordering (a second
+        # hash of the key, ~0.4 µs of a ~20 µs call) waits until the memo is half full: by the time it is
+        # full, every key used since then has been moved behind the ones that were not.
         try:
-            CALLS.move_to_end(key)  # least recently used goes first
+            CALLS.move_to_end(key)
         except KeyError:  # another thread cleared the memo in between; `known` is still right
             pass
     run_options = known.options
@@ -115,8 +119,10 @@ def attention(
     if known.spec.batch == 0:
         out, lse = _empty(q, v)
     elif backend == "auto":
-        ran, (out, lse) = _run_auto(known, q, k, v, run_options)
-        if ran != known.backend:  # a kernel refused at run time (and the memo was cleared)
+        try:  # the hot path: auto's remembered choice (one frame less than going through _after_refusal)
+            out, lse = known.run(q, k, v, run_options)
+        except UnsupportedError as error:  # its kernel refused at run time (the memo gets cleared)
+            ran, (out, lse) = _after_refusal(known, error, q, k, v, run_options)
             known, fresh = known._replace(backend=ran, run=_runner(ran, known.spec)), key is not None
     else:
         out, lse = known.run(q, k, v, run_options)
@@ -184,18 +190,18 @@ def _empty(q, v):
     return out, torch.zeros(q.shape[:3], device=q.device)
 
 
-def _run_auto(known: KnownCall, q, k, v, options: AttentionOptions):
-    """Run ``known.backend`` (auto's choice); if its kernel refuses at run time, remember that for this
-    call's layout only and take the next. Returns ``(backend that ran, (out, lse))``."""
-    name, run = known.backend, known.run
+def _after_refusal(known: KnownCall, error: UnsupportedError, q, k, v, options: AttentionOptions):
+    """Auto's choice ``known.backend`` refused this call at run time with ``error``: remember that for this
+    call's layout only and run the next choice (and so on). Returns ``(backend that ran, (out, lse))``."""
+    name = known.backend
     while True:
+        record_runtime_rejection(name, known.spec, str(error), known.layout)
+        select_backend.cache_clear()
+        name = select_backend(known.spec, known.layout).chosen
         try:
-            return name, run(q, k, v, options)
-        except UnsupportedError as error:
-            record_runtime_rejection(name, known.spec, str(error), known.layout)
-            select_backend.cache_clear()
-            name = select_backend(known.spec, known.layout).chosen
-            run = BACKENDS[name].fn
+            return name, BACKENDS[name].fn(q, k, v, options)
+        except UnsupportedError as again:
+            error = again
 
 
 def attention_weights(

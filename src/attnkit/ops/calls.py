@@ -20,7 +20,8 @@ No key (so the full path) when:
   must reach the type checks, and ``1 == True`` as a dict key);
 * the mask is a sparsity pattern object (its ``block_mask(...)`` result is cached per object instead).
 
-The memo is bounded (:data:`MAX_CALLS` keys, least recently used first out) and is cleared with
+The memo is bounded (:data:`MAX_CALLS` keys, least recently used first out; a hit reorders it only once
+the memo is half full, where eviction comes into sight) and is cleared with
 ``select_backend.cache_clear()`` and by ``registry.record_runtime_rejection``, i.e. whenever
 what auto would choose may have changed.
 """
