@@ -75,6 +75,18 @@ def test_blockwise_on_cpu_requires_emulate():
         Float8Linear.from_float(nn.Linear(128, 128), _config("blockwise"))
 
 
+def test_rowwise_where_scaled_mm_takes_only_tensor_scales_requires_emulate(monkeypatch):
+    # torch 2.11's CPU _scaled_mm asserts on row scales: the layer must say so at conversion, not mid-step
+    import attnkit.fp8.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "native_support", lambda device, granularity: "cpu: only per-tensor scaling")
+    for name in ("rowwise", "rowwise_with_gw_hp"):
+        with pytest.raises(UnsupportedError, match=f"{name} FP8 GEMMs do not run natively here .*emulate=True"):
+            Float8Linear.from_float(nn.Linear(128, 128), Float8TrainingConfig.from_recipe_name(name))
+    Float8Linear.from_float(nn.Linear(128, 128), Float8TrainingConfig.from_recipe_name("tensorwise"))  # not probed
+    Float8Linear.from_float(nn.Linear(128, 128), Float8TrainingConfig.from_recipe_name("rowwise", emulate=True))
+
+
 def test_misaligned_features_refused_and_ragged_tokens_fall_back():
     with pytest.raises(UnsupportedError, match="divisible by 16"):
         Float8Linear.from_float(nn.Linear(100, 64), Float8TrainingConfig())

@@ -35,3 +35,12 @@ def test_validate_tiny_model_on_cuda_measures_memory():
     assert report.passed, [(r.backend, r.case, r.reason) for r in report.failures]
     timed = [r for r in report.performance if r.status == "ok"]
     assert timed and all(r.clock == "cuda-events" and r.peak_mem_mb is not None for r in timed)
+
+
+@pytest.mark.gpu
+def test_a_cpu_built_model_and_inputs_follow_validate_to_the_gpu():
+    """validate's default device is the GPU: a model and inputs built on the CPU (what users have) move with it."""
+    model, (x, padding) = TinyDecoder(), tiny_inputs()
+    report = validate(model, example_inputs=(x, padding), config=ValidateConfig.preset("quick", backends=("math", "flash")))
+    assert report.environment.device == "cuda" and report.found_attention and report.accuracy
+    assert x.device.type == "cpu" and padding.device.type == "cpu"  # the caller's tensors are left where they were
