@@ -302,7 +302,7 @@ def gap(args, save) -> dict:
            f"rounds x {args.reps} fwd+bwd after {args.warmup} warm-ups; speed-up = median paired ratio", "shapes": {}}
     variants = {name: fn for name, fn in _variants(16384, not args.no_torchao).items()
                 if name in ("bf16", "attnkit:tensorwise", "torchao:tensorwise")}
-    for m, k, n in (tuple(int(d) for d in shape.split("x")) for shape in args.gap_shapes.split(",")):
+    for m, k, n in args.gap_shapes:
         torch._dynamo.reset()
         x, grad = _linear_case(m, k, n)
         steps = {}
@@ -349,6 +349,17 @@ def _speedups(out: dict) -> None:
             out[f"{section}_speedup"] = speed
 
 
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"8192x8192x8192,16384x8192x8192"`` -> [(M, K, N), ...]: positive multiples of 16 (``_scaled_mm``)."""
+    shapes = []
+    for item in text.split(","):
+        dims = item.strip().split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 and int(d) % 16 == 0 for d in dims):
+            raise argparse.ArgumentTypeError(f"expected MxKxN with positive multiples of 16 (e.g. 8192x8192x8192), got {item!r}")
+        shapes.append(tuple(int(d) for d in dims))
+    return shapes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON files")
@@ -362,7 +373,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=7, help="--gap: interleaved rounds")
-    parser.add_argument("--gap-shapes", default="8192x8192x8192,16384x8192x8192", help="--gap: MxKxN shapes, comma-separated")
+    parser.add_argument("--gap-shapes", type=_shapes, default="8192x8192x8192,16384x8192x8192",
+                        help="--gap: MxKxN shapes, comma-separated")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting anchor variants after this")
     args = parser.parse_args()
     for name in ("cache_size_limit", "recompile_limit"):

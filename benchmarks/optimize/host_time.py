@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     record = {"device": device_name, "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "models": {}}
