@@ -40,24 +40,10 @@ from attnkit.bench import kernel_stats, race
 from attnkit.models import build_model
 from attnkit.optimize import OptimizeConfig, optimize
 
-MODELS = {"bert-base-128": ("bert-base", 128), "llama-gqa-1024": ("llama-gqa", 1024)}
+from run import CASES, _inference_fn, _slice  # benchmarks/optimize/run.py: the grid's models and helpers
+
+MODELS = {label: CASES[label] for label in ("bert-base-128", "llama-gqa-1024")}
 VARIANTS = {"rewrite": {}, "interface only": {"fuse_qkv": False}, "fusion only": {"rewrite_hf": False}}
-
-
-def _slice(value, n: int):
-    if isinstance(value, torch.Tensor):
-        return value[:n]
-    if isinstance(value, dict):
-        return {k: _slice(v, n) for k, v in value.items()}
-    return tuple(_slice(v, n) for v in value)
-
-
-def _forward(module, args, kwargs):
-    def run():
-        with torch.inference_mode():
-            return module(*args, **kwargs)
-
-    return run
 
 
 def _sync(device: str) -> None:
@@ -66,7 +52,11 @@ def _sync(device: str) -> None:
 
 
 def host_ms(fns: dict, calls: int, rounds: int, device: str) -> dict[str, float]:
-    """Best-of-rounds wall milliseconds per call, ``calls`` calls per round, one sync per round."""
+    """Best-of-rounds wall milliseconds per call, ``calls`` calls per round, one sync per round.
+
+    Not ``attnkit.bench.host_ms``, which times one call after a sync (an idle GPU every time): this
+    times calls issued back to back, as a serving loop issues them.
+    """
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -155,8 +145,8 @@ def measure(label: str, args: argparse.Namespace) -> dict:
     for module in unhooked.modules():
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-    batch1 = {v: _forward(m, one, one_kwargs) for v, m in modules.items()}
-    batch64 = {v: _forward(m, inputs, kwargs) for v, m in modules.items()}
+    batch1 = {v: _inference_fn(m, one, one_kwargs) for v, m in modules.items()}
+    batch64 = {v: _inference_fn(m, inputs, kwargs) for v, m in modules.items()}
     entries = race(batch64, baseline="eager", rounds=args.rounds, repeats=args.repeats, warmup=2, device=args.device)
     hidden = torch.randn(1, seq, model.config.hidden_size, device=args.device, dtype=torch.bfloat16)
     try:
