@@ -53,6 +53,8 @@ from attnkit.models import build_model
 from attnkit.optimize import Candidate, OptimizeConfig, build_variants, optimize, pick
 from attnkit.optimize.compare import float_tensors
 
+from rewrite_ratio import _slice  # benchmarks/optimize/rewrite_ratio.py: runs against older trees too, so it holds the helper
+
 CASES = {  # label: (zoo name, seq_len)
     "vit_b_16": ("vit_b_16", None),
     "vit_l_16": ("vit_l_16", None),
@@ -103,17 +105,6 @@ def _parse() -> argparse.Namespace:
 
 def _dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def _slice(value, n: int):
-    """The first ``n`` samples of every batched input."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return value[:n]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice(v, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _slice(v, n) for k, v in value.items()}
-    return value
 
 
 def _modes(workload: str, args: argparse.Namespace) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ def convert_to_float8_training(model: nn.Module, *, config: Float8TrainingConfig
     """Replace, in place, each ``nn.Linear`` of ``model`` that FP8 suits by a :class:`Float8Linear`.
 
     A fused projection group from ``attnkit.optimize`` (``FusedLinear``, whose members read one GEMM
-    of the concatenated Q/K/V or gate/up weight) becomes one :class:`Float8FusedLinear`, judged at
+    of the concatenated Q/K/V weight) becomes one :class:`Float8FusedLinear`, judged at
     the fused width.
 
     A layer is converted when its dims are aligned (16, or 128 for blockwise), the automatic filter

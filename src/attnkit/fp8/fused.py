@@ -1,6 +1,6 @@
 """FP8 for ``optimize``'s fused projections: the group's one GEMM (``x @ W_all^T``) as one FP8 linear.
 
-``optimize`` turns sibling ``nn.Linear`` layers that read the same tensor (Q/K/V, gate/up) into a
+``optimize`` turns sibling ``nn.Linear`` layers that read the same tensor (Q/K/V, cross attention's K/V) into a
 :class:`~attnkit.optimize.fuse.FusedLinear` holding the concatenated weight ``(sum(out_i), in)`` and
 members (:class:`~attnkit.optimize.fuse.FusedProjection`) that slice its single GEMM. Those are no
 longer ``nn.Linear``, so the group converts as a whole: :class:`Float8FusedLinear` is a

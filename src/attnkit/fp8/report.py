@@ -29,7 +29,7 @@ class Float8LayerPlan:
     name: str
     """Module path."""
     kind: str
-    """Module class: ``Linear``, ``FusedLinear`` (optimize's fused Q/K/V or gate/up) or a GEMM that is not one."""
+    """Module class: ``Linear``, ``FusedLinear`` (optimize's fused Q/K/V) or a GEMM that is not one."""
     m: int
     k: int
     n: int

@@ -278,9 +278,14 @@ class MultiHeadAttention(nn.Module):
         projections); one matmul when the weight is packed and the inputs are one tensor."""
         cfg = self.config
         weight, bias = self.in_proj_weight, self.in_proj_bias
-        if weight is not None and self_attention and cfg.head_dim == cfg.v_head_dim:
+        graph = torch.is_grad_enabled() and (weight is not None and weight.requires_grad or query.requires_grad)
+        if weight is not None and self_attention and cfg.head_dim == cfg.v_head_dim and not graph:
             # One view and one transpose for every head, then a split by heads: the same strides as
             # splitting features first, in 3 ops instead of 7 (per-op dispatch dominates small calls).
+            # Not under autograd: its backward (a cat along heads of transposed gradients, then a copy
+            # back to (B, S, features)) cost a ViT-B/16 training step at batch 64 1.7 ms more than the
+            # features-first split's one vectorized cat (H100: 21.2 vs 19.5 ms of kernels,
+            # benchmarks/results/optimize/rewrite-kernels-vit-train-nvidia-h100-2026-11-27-session6-run4.log).
             qkv = F.linear(query, weight, bias)  # (B, S, (Hq + 2 Hkv) * D)
             heads = qkv.view(*qkv.shape[:2], cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             return heads.split_with_sizes((cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads), dim=1)

@@ -29,8 +29,9 @@ class OptimizeConfig:
     """``attnkit.ops`` backend for every rewritten attention (``"auto"`` picks per call shape)."""
     fuse_qkv: bool = True
     """Fuse sibling ``nn.Linear`` layers that read the same tensor into one GEMM (Q/K/V of self
-    attention, K/V of cross attention, gate/up of a gated MLP), found by tracing the example
-    inputs; state-dict keys unchanged (see :mod:`attnkit.optimize.fuse`). Needs example inputs."""
+    attention, K/V of cross attention; not a gated MLP's gate/up, whose outputs feed only elementwise
+    ops), found by tracing the example inputs; state-dict keys unchanged (see
+    :mod:`attnkit.optimize.fuse`). Needs example inputs."""
     rewrite_mha: bool = True
     """Rewrite ``torch.nn.MultiheadAttention`` into ``attnkit.nn.MultiHeadAttention``."""
     rewrite_hf: bool = True

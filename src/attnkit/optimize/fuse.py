@@ -3,7 +3,9 @@
 Found from the model, not from names: one traced forward records, for every module with two or
 more ``nn.Linear`` children, which child was called with which tensor *object*. Children whose
 calls received exactly the same tensors (Q/K/V of self attention; K/V of cross attention, where Q
-reads the decoder states; gate/up of a gated MLP) form a group. Each group becomes one
+reads the decoder states) form a group, unless the trace saw their outputs feed only elementwise
+ops (a gated MLP's gate/up: eager kernels read a fused GEMM's strided slices slower, so that costs
+more than the GEMM saves). Each group becomes one
 :class:`FusedLinear` holding the concatenated weight, and every member is replaced, under its own
 attribute name, by a :class:`FusedProjection` that returns exactly what the ``nn.Linear`` did, so
 the model's own ``forward`` (and transformers' attention-interface path) runs unchanged.
@@ -11,8 +13,11 @@ the model's own ``forward`` (and transformers' attention-interface path) runs un
 One GEMM per group: in eager mode the first member called with ``x`` computes ``x @ W_all^T`` and
 keeps the other members' column slices; a sibling called with the *same* tensor (same object, same
 version, same weights, grad and autocast state) receives its slice, anything else computes afresh.
-The slices live only while the parent module's ``forward`` runs (its forward hooks drop them) and
-each is handed out once, so nothing is reused across calls or kept alive after them. While
+Each slice is handed out once and the last hand-out drops the group's reference; slices a forward
+never asked for are dropped when the fused model's ``forward`` returns (one forward hook on the model,
+not one per parent: a hook puts every call of its module on ``nn.Module``'s slow path, which cost a
+host-bound BERT-128 forward 0.23 ms of 5.2 on an H200, ``optimize-host-time-...-run4-final.json``),
+or at the group's next call. So nothing is reused across calls or kept alive after a forward. While
 ``torch.compile`` traces, the same hand-over is graph dataflow (the first member's GEMM node, keyed
 by the traced input), so the graph holds one GEMM per group and no graph break. Nothing here draws
 random numbers.
@@ -29,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from attnkit.errors import check_arg, check_type
 
@@ -226,14 +233,14 @@ class FusedLinear(nn.Module):
         )  # fmt: skip
 
     def reset(self) -> None:
-        """Drop any slices not yet handed out (called when the parent's forward starts and ends)."""
+        """Drop any slices not yet handed out (called when the fused model's forward ends)."""
         if _is_compiling():
             # nn.Module.__setattr__, which dynamo traces; torch 2.11's dynamo breaks the graph on a write
             # through __dict__ (one break per fused parent: BERT-128 compiled 2x slower, seen on an H200)
             self._pending = self._traced = None
             return
         # Eager: straight into __dict__, as nn.Module.__setattr__ (parameter, buffer and submodule checks)
-        # costs microseconds, paid by the parent's hooks twice per forward.
+        # costs microseconds, paid for every group at every forward.
         self.__dict__.update(_pending=None, _traced=None)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -277,11 +284,11 @@ class FusedProjection(nn.Module):
         """Nothing to load: the parent's pre-hook hands this member's keys to the group."""
 
 
-def _reset_groups(parent: nn.Module, *_) -> None:
-    """Forward pre/post hook of a parent: slices never outlive one call of it (traced too)."""
-    for child in parent._modules.values():
-        if isinstance(child, FusedLinear):
-            child.reset()
+def _reset_groups(groups: tuple[FusedLinear, ...], *_) -> None:
+    """Forward hook of the fused model (bound with ``functools.partial``, so copies and pickles follow the
+    model): slices never outlive one forward of it (traced too)."""
+    for group in groups:
+        group.reset()
 
 
 def _load_into_groups(parent: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
@@ -339,7 +346,9 @@ class _Calls:
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
-    outside_parent: bool = False
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    consumers: set[str] = field(default_factory=set)
+    """Names of the torch functions and tensor methods that read an output directly."""
 
     def signature(self) -> tuple:
         return tuple((id(x), v) for x, v in zip(self.inputs, self.versions))
@@ -358,37 +367,67 @@ def _candidates(model: nn.Module, module_filter_fn) -> dict[str, tuple[nn.Module
     return found
 
 
+# What may read a projection's output directly for its group to be fused: splitting it into heads
+# (views) or multiplying it (matmul, attention); and reads of its metadata.
+_HEAD_READERS = frozenset({
+    "view", "reshape", "transpose", "permute", "unflatten", "flatten", "view_as", "reshape_as", "split",
+    "split_with_sizes", "chunk", "unbind", "narrow", "unsqueeze", "squeeze", "movedim", "swapaxes", "swapdims",
+    "t", "__getitem__", "matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
+})  # fmt: skip
+_METADATA = frozenset({"__get__", "size", "dim", "stride", "numel", "is_contiguous", "data_ptr", "element_size", "__len__"})
+
+
+class _Readers(TorchFunctionMode):
+    """Records, for each watched tensor, the names of the functions the traced model calls on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: dict[int, set[str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watched:
+            for arg in (*args, *kwargs.values()):
+                names = self.watched.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+                if names is not None:
+                    names.add(getattr(func, "__name__", repr(func)))
+        return func(*args, **kwargs)
+
+
+def _pointwise_only(members: list[_Calls]) -> str | None:
+    """The ops a group's outputs feed when none of them is split into heads or multiplied (a gated MLP's
+    gate/up feed an activation and a product), else None."""
+    read = [c.consumers - _METADATA for c in members]
+    if all(read) and not any(names & _HEAD_READERS for names in read):
+        return ", ".join(sorted(set().union(*read)))
+    return None
+
+
 def _trace(model: nn.Module, candidates: dict, args: tuple, kwargs: dict) -> dict[int, _Calls]:
     """Run ``model`` once (eval, no grad) and record each candidate Linear's inputs."""
     calls: dict[int, _Calls] = {}
-    active: dict[int, int] = {}
     handles = []
+    readers = _Readers()
 
-    def enter(module, *_):
-        active[id(module)] = active.get(id(module), 0) + 1
+    def record(module, inputs):
+        x = inputs[0] if inputs else None
+        entry = calls.setdefault(id(module), _Calls())
+        entry.inputs.append(x)
+        entry.versions.append(x._version if isinstance(x, torch.Tensor) and not x.is_inference() else -1)
 
-    def leave(module, *_):
-        active[id(module)] -= 1
+    def watch(module, inputs, output):
+        entry = calls[id(module)]
+        entry.outputs.append(output)  # kept alive: its id stays unique while the trace runs
+        readers.watched[id(output)] = entry.consumers
 
-    def record(parent_id: int):
-        def hook(module, inputs):
-            x = inputs[0] if inputs else None
-            entry = calls.setdefault(id(module), _Calls())
-            entry.inputs.append(x)
-            entry.versions.append(x._version if isinstance(x, torch.Tensor) and not x.is_inference() else -1)
-            entry.outside_parent |= active.get(parent_id, 0) == 0
-
-        return hook
-
-    for parent, linears in candidates.values():
-        handles.append(parent.register_forward_pre_hook(enter))
-        handles.append(parent.register_forward_hook(leave, always_call=True))
+    for _, linears in candidates.values():
         for linear in linears.values():
-            handles.append(linear.register_forward_pre_hook(record(id(parent))))
+            handles.append(linear.register_forward_pre_hook(record))
+            handles.append(linear.register_forward_hook(watch))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), readers:
             model(*args, **kwargs)
     finally:
         for handle in handles:
@@ -400,8 +439,6 @@ def _trace(model: nn.Module, candidates: dict, args: tuple, kwargs: dict) -> dic
 
 def _member_refusal(linear: nn.Linear, calls: _Calls, shared: set[int]) -> str | None:
     """Why this projection cannot join a group, or None."""
-    if calls.outside_parent:
-        return "called outside its parent's forward, which then cannot bound a shared result's lifetime"
     if id(linear) in shared:
         return "the projection (or its weight) is shared with another part of the model"
     if parametrize.is_parametrized(linear):
@@ -467,7 +504,7 @@ def plan_fusion(
         if isinstance(parent, _CONTAINERS):
             called = tuple(n for n, m in linears.items() if id(m) in calls)
             if len(called) > 1 and len({calls[id(linears[n])].signature() for n in called}) < len(called):
-                refused.append(FusionRefusal(fqn, called, f"siblings in a {type(parent).__name__}, which has no forward of its own to bound a shared result"))
+                refused.append(FusionRefusal(fqn, called, f"siblings in a {type(parent).__name__}: a fused module added to it would change its length and iteration"))
             continue
         by_signature: dict[tuple, list[str]] = {}
         for name, linear in linears.items():
@@ -484,6 +521,13 @@ def plan_fusion(
                     else:
                         refused.append(FusionRefusal(fqn, (name,), f"{reason} (reads the same input as {', '.join(n for n in names if n != name)})"))
                 reason = _group_refusal([linears[n] for n in fit]) if len(fit) > 1 else None
+                pointwise = _pointwise_only([calls[id(linears[n])] for n in fit]) if len(fit) > 1 else None
+                if reason is None and pointwise is not None:
+                    # Eager elementwise kernels read the fused GEMM's column slices (strided) slower than a
+                    # Linear's own output: Llama-GQA at batch 64 on an H100, rewrite with gate/up fused 0.96x / 0.98x
+                    # eager (inference / training), left separate 1.00-1.02x / 1.01x
+                    # (optimize/rewrite-ratio-nvidia-h100-2026-11-27-session6-run1.json and -run3.json).
+                    reason = f"their outputs feed only elementwise ops ({pointwise}), which run slower on a fused GEMM's strided column slices"
                 if reason is not None:
                     refused.append(FusionRefusal(fqn, tuple(fit), reason))
                 elif len(fit) > 1:
@@ -504,8 +548,10 @@ def apply_fusion(model: nn.Module, plan: FusionPlan) -> nn.Module:
     """Fuse ``plan``'s groups in ``model`` (in place); returns ``model``.
 
     Each group's parent gets a :class:`FusedLinear` child ``fused_<a>_<b>...`` at the position of
-    its first member, the members become :class:`FusedProjection`, and the parent gets forward
-    hooks that bound the shared result's lifetime plus a load hook that accepts the original keys.
+    its first member, the members become :class:`FusedProjection`, and the parent gets a load hook
+    that accepts the original keys. ``model`` gets one forward hook that drops, when its forward
+    returns, any slice not handed out (call the fused model itself, or the slices of a member called
+    on its own wait for the group's next call).
     """
     check_type(plan, FusionPlan, "plan")
     for group in plan.groups:
@@ -523,11 +569,21 @@ def apply_fusion(model: nn.Module, plan: FusionPlan) -> nn.Module:
             member.train(linears[name].training)
             setattr(parent, name, member)
         if not any(isinstance(c, FusedLinear) for n, c in parent._modules.items() if n != attr_name):
-            parent.register_forward_pre_hook(_reset_groups)
-            parent.register_forward_hook(_reset_groups, always_call=True)
             parent.register_load_state_dict_pre_hook(_load_into_groups)
         fused.register_load_state_dict_post_hook(_missing_as_original)
+    _bound_lifetimes(model)
     return model
+
+
+def _bound_lifetimes(model: nn.Module) -> None:
+    """One forward hook on ``model`` (replacing an earlier one) that resets every group in it."""
+    for key, hook in list(model._forward_hooks.items()):
+        if isinstance(hook, functools.partial) and hook.func is _reset_groups:
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    groups = tuple(m for m in model.modules() if isinstance(m, FusedLinear))
+    if groups:
+        model.register_forward_hook(functools.partial(_reset_groups, groups), always_call=True)
 
 
 def _insert_before(parent: nn.Module, name: str, module: nn.Module, before: str) -> None:
