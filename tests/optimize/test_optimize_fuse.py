@@ -355,6 +355,26 @@ def test_compile_one_graph_one_gemm_per_group(mode):
     assert all(m._traced is None for m in fused.modules() if hasattr(m, "_traced"))
 
 
+def test_compiled_block_keeps_no_shared_result():
+    """A block compiled on its own (as torchtitan compiles per layer) ends its graph inside the model's forward:
+    the last member drops the traced GEMM, so nothing stays referenced after the block returns."""
+    torch.manual_seed(0)
+    model, args, kwargs, _ = _hf("llama")
+    fused = apply_fusion(copy.deepcopy(model), plan_fusion(model, args, kwargs)).eval()
+    layer = fused.layers[0]
+    groups = [m for m in layer.modules() if type(m).__name__ == "FusedLinear"]
+    torch._dynamo.reset()
+    layer.compile(backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = fused(*args, **kwargs).last_hidden_state
+        hidden = fused.embed_tokens(args[0])
+        position = fused.rotary_emb(hidden, torch.arange(args[0].shape[1])[None])
+        layer(hidden, position_embeddings=position)  # the block alone: no model-level reset after it
+    assert groups and all(g._traced is None and g._pending is None for g in groups)
+    torch.testing.assert_close(out, model.eval()(*args, **kwargs).last_hidden_state, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 class _DropPath(nn.Module):
     def __init__(self, p):
         super().__init__()

@@ -19,7 +19,8 @@ not one per parent: a hook puts every call of its module on ``nn.Module``'s slow
 host-bound BERT-128 forward 0.23 ms of 5.2 on an H200, ``optimize-host-time-...-run4-final.json``),
 or at the group's next call. So nothing is reused across calls or kept alive after a forward. While
 ``torch.compile`` traces, the same hand-over is graph dataflow (the first member's GEMM node, keyed
-by the traced input), so the graph holds one GEMM per group and no graph break. Nothing here draws
+by the traced input, dropped by the last member), so the graph holds one GEMM per group and no graph
+break, and a graph that ends inside the model's forward (a block compiled alone) keeps nothing alive. Nothing here draws
 random numbers.
 
 State dicts keep the original keys (``q_proj.weight`` ... split from the fused weight on save,
@@ -192,13 +193,17 @@ class FusedLinear(nn.Module):
         """What member ``index``'s ``nn.Linear`` returns for ``x``, from one GEMM shared with its siblings."""
         start, width = self.starts[index], self.widths[index]
         if _is_compiling():
-            # Traced dataflow: the siblings' narrows read one GEMM node of the graph.
+            # Traced dataflow: the siblings' narrows read one GEMM node of the graph. The last sibling drops the
+            # reference, so a graph that ends inside the model's forward (a compiled block) keeps nothing alive.
             mode = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
             traced = self._traced
             if traced is not None and traced[0] is x and traced[2] == mode:
+                left = traced[3] - 1
+                self._traced = (x, traced[1], mode, left) if left else None
                 return traced[1].narrow(-1, start, width)
             full = self.forward(x)
-            self._traced = (x, full, mode)  # nn.Module.__setattr__: the write dynamo traces (see reset())
+            # nn.Module.__setattr__: the write dynamo traces (see reset())
+            self._traced = (x, full, mode, len(self.names) - 1) if len(self.names) > 1 else None
             return full.narrow(-1, start, width)
         key = self._key(x)
         pending = self._pending
