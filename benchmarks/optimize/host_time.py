@@ -139,12 +139,6 @@ def measure(label: str, args: argparse.Namespace) -> dict:
         config = OptimizeConfig(dtype=torch.bfloat16, measure=False, **overrides)
         modules[variant], report = optimize(model, one, example_kwargs=one_kwargs, config=config)
         assert report.passed, f"{label} {variant}: {report!r}"
-    # Diagnostic, not a product variant: the rewrite without fusing a gated MLP's gate/up (whose strided
-    # halves feed eager elementwise kernels), by the zoo models' own module name.
-    if any(fqn.endswith("mlp") for fqn, _ in model.named_modules()):
-        config = OptimizeConfig(dtype=torch.bfloat16, measure=False)
-        modules["rewrite, no MLP fusion"], _ = optimize(model, one, example_kwargs=one_kwargs, config=config,
-                                                        module_filter_fn=lambda _, fqn: not fqn.endswith("mlp"))
     batch1 = {v: _inference_fn(m, one, one_kwargs) for v, m in modules.items()}
     batch64 = {v: _inference_fn(m, inputs, kwargs) for v, m in modules.items()}
     entries = race(batch64, baseline="eager", rounds=args.rounds, repeats=args.repeats, warmup=2, device=args.device)
