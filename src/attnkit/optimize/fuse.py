@@ -20,8 +20,8 @@ host-bound BERT-128 forward 0.23 ms of 5.2 on an H200, ``optimize-host-time-...-
 or at the group's next call. So nothing is reused across calls or kept alive after a forward. While
 ``torch.compile`` traces, the same hand-over is graph dataflow (the first member's GEMM node, keyed
 by the traced input, dropped by the last member), so the graph holds one GEMM per group and no graph
-break, and a graph that ends inside the model's forward (a block compiled alone) keeps nothing alive. Nothing here draws
-random numbers.
+break, and a graph that ends inside the model's forward (a block compiled alone) keeps nothing alive.
+Nothing here draws random numbers.
 
 State dicts keep the original keys (``q_proj.weight`` ... split from the fused weight on save,
 concatenated on load), so checkpoints of the original model load, and saved ones load into it.
@@ -409,7 +409,7 @@ def _pointwise_only(members: list[_Calls]) -> str | None:
 
 
 def _trace(model: nn.Module, candidates: dict, args: tuple, kwargs: dict) -> dict[int, _Calls]:
-    """Run ``model`` once (eval, no grad) and record each candidate Linear's inputs."""
+    """Run ``model`` once (eval, no grad) and record each candidate Linear's inputs and the ops that read its outputs."""
     calls: dict[int, _Calls] = {}
     handles = []
     readers = _Readers()
