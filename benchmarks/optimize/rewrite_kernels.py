@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rewrite_ratio import _slice, _step  # noqa: E402
+from rewrite_ratio import _slice, _training_fn  # noqa: E402
 
 from attnkit.models import build_model  # noqa: E402
 from attnkit.optimize import OptimizeConfig, optimize  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     rewrite, _ = optimize(model, _slice(x, 1), example_kwargs=_slice(kw, 1), config=config)
     for name, module in (("eager", model), ("rewrite", rewrite)):
         module.train(True)
-        total, count, top = kernels(_step(module, x, kw, True))
+        total, count, top = kernels(_training_fn(module, x, kw))
         print(f"[{label}] vit train {name}: device {total:.2f} ms/step, {count:.0f} kernels")
         for kernel, per_step, ms in top:
             print(f"   {ms:8.3f} ms  x{per_step:5.0f}  {kernel}")

@@ -30,6 +30,7 @@ import torch
 
 from attnkit.models import build_model
 from attnkit.optimize import OptimizeConfig, optimize
+from attnkit.optimize.equivalence import float_tensors  # where wave 1 has it too
 
 CASES = {  # label: (zoo name, seq_len), as benchmarks/optimize/run.py
     "vit_b_16": ("vit_b_16", None),
@@ -52,25 +53,24 @@ def _slice(value, n: int):
     return value
 
 
-def _first_float(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out
-    return next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+def _inference_fn(module, inputs, kwargs):
+    """One inference call under ``inference_mode`` (``run.py`` and ``host_time.py`` use it too)."""
+
+    def run():
+        with torch.inference_mode():
+            return module(*inputs, **kwargs)
+
+    return run
 
 
-def _step(module, inputs, kwargs, train: bool):
-    if not train:
-        def infer():
-            with torch.inference_mode():
-                module(*inputs, **kwargs)
-
-        return infer
+def _training_fn(module, inputs, kwargs):
+    """One SGD step on the mean of the first floating output (``run.py`` uses it too)."""
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        torch.mean(_first_float(module(*inputs, **kwargs)), dtype=torch.float32).backward()
+        out = float_tensors(module(*inputs, **kwargs))[0]
+        torch.mean(out, dtype=torch.float32).backward()
         optimizer.step()
 
     return step
@@ -98,7 +98,7 @@ def _median_ms(fn, repeats: int, device: str) -> float:
 def race(models: dict, inputs, kwargs, train: bool, args: argparse.Namespace) -> dict:
     for model in models.values():
         model.train(train)
-    fns = {name: _step(model, inputs, kwargs, train) for name, model in models.items()}
+    fns = {name: (_training_fn if train else _inference_fn)(model, inputs, kwargs) for name, model in models.items()}
     ms = {name: [] for name in fns}
     for r in range(args.rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):

@@ -51,9 +51,9 @@ from attnkit.bench import race
 from attnkit.bench.kernels import kernel_stats
 from attnkit.models import build_model
 from attnkit.optimize import Candidate, OptimizeConfig, build_variants, optimize, pick
-from attnkit.optimize.compare import float_tensors
 
-from rewrite_ratio import _slice  # benchmarks/optimize/rewrite_ratio.py: runs against older trees too, so it holds the helper
+# benchmarks/optimize/rewrite_ratio.py runs against older attnkit trees too, so it holds these helpers
+from rewrite_ratio import _inference_fn, _slice, _training_fn
 
 CASES = {  # label: (zoo name, seq_len)
     "vit_b_16": ("vit_b_16", None),
@@ -146,26 +146,6 @@ class Case:
         if only is not None:
             built = {name: built[name] for name in ("eager", only)}
         return {name: ((_training_fn if train else _inference_fn)(module, inputs, kwargs), eligible) for name, (module, eligible) in built.items()}
-
-
-def _inference_fn(module, inputs, kwargs):
-    def run():
-        with torch.inference_mode():
-            return module(*inputs, **kwargs)
-
-    return run
-
-
-def _training_fn(module, inputs, kwargs):
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-6)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        out = float_tensors(module(*inputs, **kwargs))[0]
-        torch.mean(out, dtype=torch.float32).backward()
-        optimizer.step()
-
-    return step
 
 
 def _sync(args) -> None:
