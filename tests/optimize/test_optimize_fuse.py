@@ -450,3 +450,27 @@ def test_gradient_checkpointing_and_inference_mode():
         torch.testing.assert_close(got[name], grad, rtol=1e-12, atol=1e-12, msg=name)
     with torch.inference_mode():
         torch.testing.assert_close(fused.eval()(*args).last_hidden_state, model.eval()(*args).last_hidden_state, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad], ids=["inference_mode", "no_grad"])
+def test_optimize_inside_inference_mode_keeps_a_trainable_model(mode):
+    """Called inside ``torch.inference_mode()`` (or ``no_grad``), optimize still proves gradients and builds
+    normal parameters: before the fix its fused weights were inference tensors, whose missing version counter
+    crashed the first forward, and which no training step could use. A cast inside inference mode (weights
+    without a version counter) still runs."""
+    torch.manual_seed(0)
+    model = _hf("bert")[0].eval()
+    with mode():
+        ids = _ids()  # an inference tensor under inference_mode
+        fast, report = optimize(model, (ids,), config=OptimizeConfig(measure=False))
+        assert report.kept and report.passed and any(c.what == "gradients" for c in report.checks), report.dumps()
+        assert report.fusion.groups
+        torch.testing.assert_close(fast(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-5, atol=1e-6)
+        doubled = copy.deepcopy(fast).to(torch.float64)  # weights replaced inside the mode
+        torch.testing.assert_close(doubled(ids).last_hidden_state, model.double()(ids).last_hidden_state, rtol=1e-10, atol=1e-12)
+        model.float()
+    assert not any(p.is_inference() for p in fast.parameters())
+    fast.train()
+    fast(_ids()).last_hidden_state.sum().backward()
+    groups = [m for m in fast.modules() if type(m).__name__ == "FusedLinear"]
+    assert groups and all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in groups)

@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 from attnkit.ops.cache import clear_caches
 from attnkit.sparse import EMPTY, FULL, PARTIAL, Causal, ContentAware, Documents, SlidingWindow, select_blocks
 from attnkit.sparse.blocks import UNKNOWN, Grid, block_mask_from_states, block_tables, compiled, on_device
-from attnkit.sparse.patterns import _exact_tables
+from attnkit.sparse import patterns
+from attnkit.sparse.patterns import _exact_tables, _structure, _tables_of
 
 _TABLES = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"]
 
@@ -112,6 +113,57 @@ def test_a_build_dynamo_cannot_compile_warns_and_runs_eagerly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # eager from then on: no second attempt, no second warning
         assert torch.equal(build(torch.tensor([4, 1, 1])), torch.tensor([4, 5, 6]))
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.exc, "FailOnRecompileLimitHit"), reason="torch < 2.6 has no such error")
+def test_a_build_at_dynamos_recompile_limit_warns_and_runs_eagerly(monkeypatch):
+    """Under fullgraph, Dynamo's recompile limit raises FailOnRecompileLimitHit, which is no TorchDynamoException:
+    it used to reach the user as a traceback."""
+
+    def at_limit(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached with fullgraph=True")
+
+    def cumulative(x):
+        return x.cumsum(0)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: at_limit)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        assert torch.equal(compiled(cumulative)(torch.tensor([2, 3])), torch.tensor([2, 5]))
+
+
+def test_each_pattern_structure_compiles_into_its_own_code_object():
+    """Dynamo counts graphs per code object against its recompile limit (8): one shared ``_exact_tables`` failed
+    at the ninth kind of pattern. Values (a window's size) share their structure's function; kinds and
+    compositions get their own, which computes what ``_exact_tables`` does."""
+    window = _tables_of(_structure(SlidingWindow(256)))
+    assert window is _tables_of(_structure(SlidingWindow(300, causal=False)))
+    others = [_tables_of(_structure(p)) for p in (Causal(), Documents((64, 64)), SlidingWindow(8) | Causal(), Causal() | SlidingWindow(8))]
+    codes = {id(fn.__code__) for fn in [window, *others]} | {id(_exact_tables.__code__)}
+    assert len(codes) == 6 and window.__name__ == "_exact_tables"
+    cpu, pattern = torch.device("cpu"), Documents((300, 212))
+    args = (pattern, 512, 512, 64, 64, cpu, pattern._state_inputs(512, cpu))
+    assert all(torch.equal(a, b) for a, b in zip(_tables_of(_structure(pattern))(*args), _exact_tables(*args)))
+
+
+@pytest.mark.slow
+def test_nine_kinds_of_pattern_build_on_the_compiled_path(monkeypatch):
+    """CUDA's compiled path (here on CPU, Inductor's C++ backend) for more pattern kinds than Dynamo's recompile
+    limit (8): every build compiles, none warns or raises, and each mask equals the eager build's (~15 s)."""
+    from attnkit.sparse import Dilated, GlobalTokens, PrefixLM
+
+    kinds = [Causal(), SlidingWindow(256), SlidingWindow(256, causal=False), Dilated(4), Dilated(4, causal=False),
+             GlobalTokens(4), GlobalTokens(4, causal=False), PrefixLM(64), Documents((1000, 1048))]  # fmt: skip
+    clear_caches()
+    eager = [p.block_mask(2048, 2048, block_size=128) for p in kinds]
+    clear_caches()
+    monkeypatch.setattr(patterns, "on_device", lambda fn, device: compiled(fn))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        built = [p.block_mask(2048, 2048, block_size=128) for p in kinds]
+    clear_caches()
+    for pattern, mine, reference in zip(kinds, built, eager):
+        for name in _TABLES:
+            assert torch.equal(getattr(mine, name), getattr(reference, name)), (pattern, name)
 
 
 @pytest.mark.slow

@@ -41,6 +41,8 @@ class Rule:
     dtypes: tuple[torch.dtype, ...] | None = None
     max_seq: int | None = None
     """Longest of Sq and Skv."""
+    max_scores: int | None = None
+    """Most attention scores per call, ``B * Hq * Sq * Skv``."""
     grouped: bool | None = None
     """True for grouped-query calls (fewer K/V heads than query heads)."""
     when: Callable[[], bool] | None = None
@@ -55,12 +57,27 @@ class Rule:
             and (self.max_head_dim is None or head_dim <= self.max_head_dim)
             and (self.dtypes is None or spec.dtype in self.dtypes)
             and (self.max_seq is None or max(spec.seq_q, spec.seq_kv) <= self.max_seq)
+            and (self.max_scores is None or spec.batch * spec.heads_q * spec.seq_q * spec.seq_kv <= self.max_scores)
             and (self.grouped is None or self.grouped == (spec.heads_kv != spec.heads_q))
             and (self.when is None or self.when())
         )
 
 
 RULES: tuple[Rule, ...] = (
+    Rule(
+        order=("efficient", "cudnn", "flash", "flex", "chunked", "math"),
+        why="measured: H100, torch 2.11, bf16 inference, S128, B*H <= 96: every kernel takes 6-9 us on the GPU and "
+        "longer for the host to issue (cuDNN 27.1-27.2 us, flash 26.3-26.9, efficient 17.4-18.3), so the GPU waits "
+        "for the host and the lightest binding wins (benchmarks/results/attention-host-nvidia-h100-2026-11-27-session7.json, "
+        "benchmarks/attention/host_cost.py). Not while compiling: a compiled graph issues no Python per call",
+        device="cuda",
+        causal=False,
+        requires_grad=False,
+        max_seq=128,
+        max_scores=96 * 128 * 128,
+        grouped=False,  # the efficient kernel would need K/V repeated to every query head
+        when=lambda: not torch.compiler.is_compiling(),
+    ),
     Rule(
         order=("flash", "cudnn", "efficient", "flex", "chunked", "math"),
         why="grouped-query calls where this torch's cuDNN op needs K and V repeated to every query head "

@@ -24,11 +24,15 @@ from attnkit.optimize.rewrite import ModuleFilterFn, Skip, nested_tensor_twin, r
 from attnkit.optimize.select import approximate_variants, compile_mode_of, compiled, select_variant
 from attnkit.utils.dtypes import dtype_name, parse_dtype
 from attnkit.utils.modules import model_device, model_dtype
-from attnkit.utils.trees import cast_floating
+from attnkit.utils.trees import cast_floating, outside_inference
 
 __all__ = ["optimize", "measure_latency"]
 
 
+# Whatever mode the caller is in (inference_mode, no_grad), the rewrite builds normal parameters (an
+# inference-mode copy could never be trained) and its proof runs gradients.
+@torch.enable_grad()
+@torch.inference_mode(False)
 def optimize(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor | None = None,
@@ -91,9 +95,9 @@ def optimize(
         overrides["fuse_qkv"] = fuse_qkv
     config = dataclasses.replace(config, **overrides)
     _check_backend(config.backend)
-    args = _as_args(example_inputs)
+    args = outside_inference(_as_args(example_inputs))
     check_type(example_kwargs, (dict, type(None)), "example_kwargs", "Pass keyword inputs as a dict.")
-    kwargs = dict(example_kwargs or {})
+    kwargs = outside_inference(dict(example_kwargs or {}))
     check_arg(module_filter_fn is None or callable(module_filter_fn), "module_filter_fn", "a callable (module, fqn) -> bool or None", module_filter_fn)
 
     original = model

@@ -231,8 +231,10 @@ class FusedLinear(nn.Module):
         weight, bias = params["weight"], params["bias"]
         device = "cuda" if x.is_cuda else x.device.type
         return (
+            # inference-mode tensors (inputs, or weights cast inside inference mode) have no version counter
             None if x.is_inference() else x._version, x.data_ptr(), x.dtype, x.requires_grad,
-            weight._version, weight.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()),
+            None if weight.is_inference() else weight._version, weight.data_ptr(),
+            None if bias is None else (None if bias.is_inference() else bias._version, bias.data_ptr()),
             _is_grad_enabled(), _is_inference_mode_enabled(),
             _autocast_dtype(device) if _is_autocast_enabled(device) else None,
         )  # fmt: skip

@@ -231,6 +231,10 @@ def on_device(fn: Callable, device: torch.device) -> Callable:
     return fn
 
 
+# FailOnRecompileLimitHit (torch >= 2.6) is not a TorchDynamoException; fullgraph raises it at the recompile limit.
+_DYNAMO_FAILURES = (torch._dynamo.exc.TorchDynamoException, *(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit",) if hasattr(torch._dynamo.exc, name)))
+
+
 @functools.cache
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn, dynamic=True, fullgraph=True)``, called with grad mode off.
@@ -250,7 +254,7 @@ def compiled(fn: Callable) -> Callable:
         with torch.no_grad():
             try:
                 return graph(*args)
-            except torch._dynamo.exc.TorchDynamoException as error:
+            except _DYNAMO_FAILURES as error:
                 warnings.warn(f"attnkit.sparse: compiling {fn.__qualname__} failed, it runs eagerly (slower): {error}", stacklevel=2)
                 graph = fn
                 return fn(*args)

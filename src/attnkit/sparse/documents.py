@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from attnkit.errors import check_arg, check_type
+from attnkit.ops.cache import on_clear
 from attnkit.sparse.blocks import Grid, classify
 from attnkit.sparse.patterns import Pattern, check_count
 
@@ -52,23 +54,19 @@ class Documents(Pattern):
     def _check_total(self, kv_len: int) -> None:
         check_arg(sum(self.lengths) == kv_len, "lengths", f"document lengths summing to the key length {kv_len}", sum(self.lengths))
 
-    def _lengths_on(self, device) -> torch.Tensor:
-        """``lengths`` as an int64 tensor on ``device``, copied without making the host wait for the GPU."""
-        lengths = torch.tensor(self.lengths, dtype=torch.int64)
-        if torch.device(device).type != "cuda":
-            return lengths.to(device)
-        return lengths.pin_memory().to(device, non_blocking=True)
-
     def _state_inputs(self, kv_len, device):
         """``lengths`` as an ``(n,)`` int64 tensor: an input of ``_states``, so one compiled graph
         serves documents of any lengths (read from ``self``, they would be constants)."""
         self._check_total(kv_len)
-        return (self._lengths_on(device),)
+        return (_lengths_on(self.lengths, torch.device(device)),)
 
     def _allowed(self, kv_len, device):
         self._check_total(kv_len)
-        # output_size: the length is known here, so repeat_interleave need not read it back from the GPU
-        ids = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), self._lengths_on(device), output_size=kv_len)
+        # Each position's document: one int32 (kv_len,) tensor from one searchsorted, where repeat_interleave
+        # made two int64 ones. A new length's mask allocates it anew while cached masks keep the old ones
+        # alive, so its size decides how often the allocator must go to cudaMalloc (~0.2 ms on an H100).
+        ends = _lengths_on(self.lengths, torch.device(device)).cumsum(0)
+        ids = torch.searchsorted(ends, torch.arange(kv_len, device=device), right=True, out_int32=True)
         last, causal = kv_len - 1, self.causal
 
         def allowed(q, kv):
@@ -92,3 +90,14 @@ class Documents(Pattern):
         if self.causal:
             some, every = some & (kv_first <= q_last), every & (kv_last <= q_first)
         return classify(some, every, grid)
+
+
+@functools.lru_cache(maxsize=32)
+def _lengths_on(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``lengths`` as an int64 tensor on ``device``, copied without making the host wait for the GPU;
+    one copy serves a block mask's states and its ``mask_mod``."""
+    host = torch.tensor(lengths, dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+on_clear(_lengths_on.cache_clear)

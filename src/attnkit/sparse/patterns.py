@@ -20,8 +20,9 @@ Example::
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Hashable
 
 import torch
 
@@ -183,7 +184,8 @@ def _block_mask_cached(pattern: Pattern, q_len: int, kv_len: int, block_q: int, 
     grid, mask_mod = Grid(q_len, kv_len, block_q, block_kv, device), pattern.mask_mod(q_len, kv_len, device)
     if pattern._exact_states:  # states and tables in one graph (compiled on CUDA)
         inputs = pattern._state_inputs(kv_len, device)
-        return block_mask_from_tables(on_device(_exact_tables, device)(pattern, q_len, kv_len, block_q, block_kv, device, inputs), grid, mask_mod)
+        tables = on_device(_tables_of(_structure(pattern)), device)(pattern, q_len, kv_len, block_q, block_kv, device, inputs)
+        return block_mask_from_tables(tables, grid, mask_mod)
     states = _states_cached(pattern, q_len, kv_len, block_q, block_kv, device)
     return block_mask_from_states(states[None, None], grid, mask_mod)
 
@@ -193,6 +195,25 @@ def _exact_tables(pattern: Pattern, q_len: int, kv_len: int, block_q: int, block
     """:func:`block_tables` of an exact pattern's states. Lengths are arguments (symbolic when
     compiled, so one graph serves every length); the pattern's own fields are guarded constants."""
     return block_tables(pattern._states(Grid(q_len, kv_len, block_q, block_kv, device), *inputs)[None, None])
+
+
+def _structure(pattern: Pattern) -> Hashable:
+    """The pattern's types, composition included (``(Union, (SlidingWindow, GlobalTokens))``); not its values."""
+    parts = getattr(pattern, "parts", None)
+    return (type(pattern), tuple(_structure(part) for part in parts)) if isinstance(parts, tuple) else type(pattern)
+
+
+@functools.lru_cache(maxsize=256)
+def _tables_of(structure: Hashable) -> Callable:
+    """:func:`_exact_tables` with a code object of its own for each pattern structure.
+
+    Dynamo keeps compiled graphs per code object, and refuses a ninth (its ``recompile_limit``, a hard
+    error under ``fullgraph``): one shared function would fail at the ninth kind of pattern a process
+    builds. Each structure compiles once (values such as the window are symbolic), into its own cache.
+    """
+    code = _exact_tables.__code__.replace()  # an equal but distinct code object
+    copy = types.FunctionType(code, _exact_tables.__globals__, _exact_tables.__name__, _exact_tables.__defaults__, _exact_tables.__closure__)
+    return functools.update_wrapper(copy, _exact_tables)
 
 
 on_clear(_states_cached.cache_clear)

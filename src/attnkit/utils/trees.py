@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-__all__ = ["cast_floating"]
+__all__ = ["cast_floating", "outside_inference"]
 
 
 def cast_floating(tree: Any, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Any:
@@ -29,3 +29,12 @@ def cast_floating(tree: Any, dtype: torch.dtype | None = None, device: torch.dev
         return value.to(device=device, dtype=dtype if cast else value.dtype)
 
     return tree_map(move, tree)
+
+
+def outside_inference(tree: Any) -> Any:
+    """``tree`` with every ``inference_mode`` tensor replaced by a normal copy (others kept as they are).
+
+    Inputs made under ``torch.inference_mode()`` cannot be saved for a backward pass, which an
+    equivalence check of gradients needs; call it outside inference mode (the copies are normal there).
+    """
+    return tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value, tree)
