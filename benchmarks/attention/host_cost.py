@@ -3,16 +3,18 @@
 A kernel that takes a few microseconds on the GPU finishes before the host has issued the next call,
 so what such a call costs is the host's time to issue it. Per shape (bf16, inference, no mask) and per
 kernel (each ATen op called directly, ``F.scaled_dot_product_attention`` and ``attnkit.ops.attention``
-with ``auto``), two numbers in µs per call, each over rounds in which the kernels take turns:
+with ``auto``), two numbers in µs per call, over rounds in which the kernels take turns:
 
-* host: ``perf_counter`` around ``--calls`` calls, stopped before the synchronize (issue time only;
-  the minimum over rounds: other processes only ever add time);
-* device: CUDA events around ``--calls`` calls queued behind ``torch.cuda._sleep``, so the GPU runs
-  them back to back whatever the host's pace (the median over rounds).
+* host: ``attnkit.bench.host_ms``, the host time to issue one call after a synchronize (median of
+  ``--calls``; the minimum over rounds: other processes only ever add time);
+* device: ``attnkit.bench.device_ms``, the GPU time of one call queued behind a sleeping kernel
+  (median of ``--calls``, then over rounds).
 
-``--bert`` also races BERT-base (seq 128) eager against ``optimize``'s rewrite with its attention on
-``auto`` and forced to ``flash`` / ``efficient``, at batch 1 and 64 (CUDA events around each forward,
-median of 20 per round, rounds alternating). The ``auto`` rule for small calls comes from this run.
+``--bert`` also races (``attnkit.bench.race``) BERT-base (seq 128) eager against ``optimize``'s rewrite
+with its attention on ``auto`` and forced to ``flash`` / ``efficient``, at batch 1 and 64. The ``auto``
+rule for small calls comes from this run. (The session-7 file was written by this script's first
+version, which timed with loops of its own: host as the mean over back-to-back calls, device with events
+around all of them, BERT with a sync after each forward; the same quantities.)
 
     PYTHONPATH=src python benchmarks/attention/host_cost.py --bert --out "$OUT"
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 try:
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from _results import header, write
 
+from attnkit.bench import device_ms, host_ms, race
 from attnkit.ops import attention
 
 SHAPES = ((1, 12, 128, 64), (8, 12, 128, 64), (16, 12, 128, 64), (64, 12, 128, 64), (1, 12, 197, 64), (8, 12, 256, 64), (64, 12, 512, 64))
@@ -51,28 +53,6 @@ def kernels(q, k, v) -> dict:
     }
 
 
-def host_us(fn, calls: int) -> float:
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - started  # before the sync: the host's issue time only
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
-
-def device_us(fn, calls: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(50_000_000)  # the GPU is busy while the host queues every call
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls * 1e3
-
-
 def per_kernel(args) -> dict:
     rows = {}
     for shape in SHAPES:
@@ -83,8 +63,8 @@ def per_kernel(args) -> dict:
             for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
                 for _ in range(10):
                     fns[name]()
-                host[name].append(host_us(fns[name], args.calls))
-                device[name].append(device_us(fns[name], args.calls))
+                host[name].append(host_ms(fns[name], repeats=args.calls) * 1e3)
+                device[name].append(device_ms(fns[name], repeats=args.calls) * 1e3)
         rows[str(shape)] = {n: {"host_us": round(min(host[n]), 2), "device_us": round(statistics.median(device[n]), 2)} for n in fns}
         print(shape, {n: (r["host_us"], r["device_us"]) for n, r in rows[str(shape)].items()}, flush=True)
     return rows
@@ -107,23 +87,9 @@ def bert(args) -> dict:
     for batch in (1, 64):
         ins, kws = tuple(first(x, batch) for x in inputs), {k: first(v, batch) for k, v in kwargs.items()}
         fns = {"eager": lambda: model(*ins, **kws)} | {f"rewrite {b}": (lambda m=m: m(*ins, **kws)) for b, m in rewrites.items()}
-        ms = {n: [] for n in fns}
-        for r in range(args.rounds):
-            for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
-                for _ in range(3):
-                    fns[name]()
-                times = []
-                for _ in range(20):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fns[name]()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                ms[name].append(statistics.median(times))
-        ratios = {n: [round(e / w, 3) for e, w in zip(ms["eager"], v)] for n, v in ms.items() if n != "eager"}
-        results[f"batch {batch}"] = {"ms": {n: [round(x, 4) for x in v] for n, v in ms.items()}, "eager_over_rewrite": ratios}
-        print(f"bert-128 batch {batch}:", {n: round(statistics.median(v), 3) for n, v in ms.items()}, ratios, flush=True)
+        entries = race(fns, baseline="eager", rounds=args.rounds, repeats=20, warmup=3)
+        results[f"batch {batch}"] = {name: entry.to_json() for name, entry in entries.items()}
+        print(f"bert-128 batch {batch}:", {name: (entry.median_ms, entry.speedup) for name, entry in entries.items()}, flush=True)
     return results
 
 

@@ -2,7 +2,8 @@
 
 Per model: the CUDA runtime calls (``cudaLaunchKernel``, ``cudaStreamSynchronize``...), top-level ATen ops
 and kernels per forward (``torch.profiler``, 5 forwards), then 7 alternating rounds of 30 forwards timed
-three ways: CUDA events around each call (synced), wall time of calls issued back to back, and host wall
+three ways: CUDA events around each call (synced, ``rewrite_ratio._median_ms``; session 7's run 1 timed them
+without its 2 warm-up calls per round), wall time of calls issued back to back, and host wall
 time of one call after a sync. Uses only what wave 1 has, so it runs on wave 1's tree too:
 
     PYTHONPATH=/tmp/wave1/src taskset -c 3 python benchmarks/optimize/cuda_calls.py wave1 $OUT/calls-wave1.json
@@ -18,6 +19,7 @@ import torch
 from torch.profiler import profile, ProfilerActivity
 from attnkit.models import build_model
 from attnkit.optimize import OptimizeConfig, optimize
+from rewrite_ratio import _median_ms  # benchmarks/optimize/rewrite_ratio.py: runs against wave 1's tree too
 
 label, out = sys.argv[1], sys.argv[2]
 zoo = build_model("bert-base", batch_size=1, seq_len=128, dtype=torch.bfloat16, device="cuda")
@@ -37,7 +39,7 @@ with torch.inference_mode():
             torch.cuda.synchronize()
         ev = prof.events()
         rt = collections.Counter(
-            e.name for e in ev if e.device_type == torch.autograd.DeviceType.CPU and (e.name.startswith("cuda") or e.name.startswith("cu"))
+            e.name for e in ev if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cu")
         )
         aten = collections.Counter(
             e.name for e in ev if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
@@ -54,15 +56,7 @@ with torch.inference_mode():
     for r in range(7):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             f = fns[name]
-            ts = []
-            for _ in range(30):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                f()
-                e.record()
-                e.synchronize()
-                ts.append(s.elapsed_time(e))
-            synced[name].append(statistics.median(ts))
+            synced[name].append(_median_ms(f, 30, "cuda"))
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(30):

@@ -15,9 +15,13 @@ from attnkit.optimize import OptimizeConfig, optimize
 
 label, out = sys.argv[1], sys.argv[2]
 DEV = sys.argv[3] if len(sys.argv) > 3 else "cuda"
-if DEV == "cpu":
-    torch.cuda.synchronize = lambda: None
-    torch.cuda.get_device_name = lambda: "cpu"
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 zoo = build_model("bert-base", batch_size=1, seq_len=128, dtype=torch.bfloat16, device=DEV)
 model, inputs, kwargs = zoo.model.eval(), zoo.example_inputs, zoo.example_kwargs
 rw, _ = optimize(model, inputs, example_kwargs=kwargs, config=OptimizeConfig(dtype=torch.bfloat16, check=False, measure=False))
@@ -27,16 +31,16 @@ hs = torch.randn(1, 128, 768, device=DEV, dtype=torch.bfloat16)
 def best_us(f, calls=300, rounds=9):
     b = []
     for _ in range(rounds):
-        torch.cuda.synchronize()
+        _sync()
         s = time.perf_counter()
         for _ in range(calls):
             f()
-        torch.cuda.synchronize()
+        _sync()
         b.append((time.perf_counter() - s) / calls * 1e6)
     return min(b)
 
 
-rec = {"label": label, "torch": torch.__version__, "device": torch.cuda.get_device_name(), "us": {}}
+rec = {"label": label, "torch": torch.__version__, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "us": {}}
 targets = {
     "layer.0.attention.self": lambda m: (lambda mod=m.get_submodule("encoder.layer.0.attention.self"): mod(hs)),
     "layer.0.attention": lambda m: (lambda mod=m.get_submodule("encoder.layer.0.attention"): mod(hs)),

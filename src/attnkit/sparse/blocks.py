@@ -232,7 +232,7 @@ def on_device(fn: Callable, device: torch.device) -> Callable:
 
 
 # FailOnRecompileLimitHit (torch >= 2.6) is not a TorchDynamoException; fullgraph raises it at the recompile limit.
-_DYNAMO_FAILURES = (torch._dynamo.exc.TorchDynamoException, *(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit",) if hasattr(torch._dynamo.exc, name)))
+_DYNAMO_FAILURES = (torch._dynamo.exc.TorchDynamoException, getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException))
 
 
 @functools.cache
