@@ -3,7 +3,8 @@
 A kernel that takes a few microseconds on the GPU finishes before the host has issued the next call,
 so what such a call costs is the host's time to issue it. Per shape (bf16, inference, no mask) and per
 kernel (each ATen op called directly, ``F.scaled_dot_product_attention`` and ``attnkit.ops.attention``
-with ``auto``), two numbers in µs per call, over rounds in which the kernels take turns:
+with ``auto``; with ``--fused`` also on q/k/v that are views of one fused Q/K/V output), two numbers
+in µs per call, over rounds in which the kernels take turns:
 
 * host: ``attnkit.bench.host_ms``, the host time to issue one call after a synchronize (median of
   ``--calls``; the minimum over rounds: other processes only ever add time);
@@ -14,7 +15,8 @@ with ``auto``), two numbers in µs per call, over rounds in which the kernels ta
 with its attention on ``auto`` and forced to ``flash`` / ``efficient``, at batch 1 and 64. The ``auto``
 rule for small calls comes from this run. (The session-7 file was written by this script's first
 version, which timed with loops of its own: host as the mean over back-to-back calls, device with events
-around all of them, BERT with a sync after each forward; the same quantities.)
+around all of them, BERT with a sync after each forward; the same quantities. Session 8's
+``attention-host-...-session8-fused.json`` comes from this version, with ``--fused``.)
 
     PYTHONPATH=src python benchmarks/attention/host_cost.py --bert --out "$OUT"
 """
@@ -53,10 +55,20 @@ def kernels(q, k, v) -> dict:
     }
 
 
+def inputs(shape: tuple, fused: bool) -> tuple:
+    """q, k, v of ``shape`` (B, H, S, D): contiguous, or (``fused``) views of one ``(B, S, 3*H*D)``
+    projection output, the layout a fused Q/K/V GEMM hands to the attention (strides ``(S*3*H*D, D, 3*H*D, 1)``)."""
+    if not fused:
+        return tuple(torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    batch, heads, seq, dim = shape
+    qkv = torch.randn(batch, seq, 3 * heads * dim, device="cuda", dtype=torch.bfloat16)
+    return tuple(part.view(batch, seq, heads, dim).transpose(1, 2) for part in qkv.split(heads * dim, dim=-1))
+
+
 def per_kernel(args) -> dict:
     rows = {}
-    for shape in SHAPES:
-        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for shape, fused in [(shape, False) for shape in SHAPES] + [(shape, True) for shape in SHAPES if args.fused]:
+        q, k, v = inputs(shape, fused)
         fns = kernels(q, k, v)
         host, device = {n: [] for n in fns}, {n: [] for n in fns}
         for r in range(args.rounds):
@@ -65,8 +77,9 @@ def per_kernel(args) -> dict:
                     fns[name]()
                 host[name].append(host_ms(fns[name], repeats=args.calls) * 1e3)
                 device[name].append(device_ms(fns[name], repeats=args.calls) * 1e3)
-        rows[str(shape)] = {n: {"host_us": round(min(host[n]), 2), "device_us": round(statistics.median(device[n]), 2)} for n in fns}
-        print(shape, {n: (r["host_us"], r["device_us"]) for n, r in rows[str(shape)].items()}, flush=True)
+        name = str(shape) + (" fused qkv" if fused else "")
+        rows[name] = {n: {"host_us": round(min(host[n]), 2), "device_us": round(statistics.median(device[n]), 2)} for n in fns}
+        print(name, {n: (r["host_us"], r["device_us"]) for n, r in rows[name].items()}, flush=True)
     return rows
 
 
@@ -98,6 +111,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300, help="calls per timing (>= 1)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds in which the contenders take turns (>= 1)")
     parser.add_argument("--bert", action="store_true", help="also race BERT-128 with its attention on each backend")
+    parser.add_argument("--fused", action="store_true", help="also time each shape on q/k/v views of one fused projection output")
     parser.add_argument("--out", type=Path, help="folder for the JSON record (attention-host-<device>-<date>.json)")
     args = parser.parse_args()
     if args.calls < 1 or args.rounds < 1:
