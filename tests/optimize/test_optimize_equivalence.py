@@ -10,16 +10,9 @@ import torch
 from attnkit.optimize import OptimizeConfig, optimize
 from optimize_models import BUILDERS, REWRITES, build
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # sdpa (None/bool masks) for every family; eager (dense float masks) for the mask-carrying ones.
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = [(name, "sdpa") for name in BUILDERS] + [(name, "eager") for name in ("bert", "gpt2", "llama", "t5")]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import random
 from typing import Any
 
 import torch
@@ -52,19 +53,43 @@ def named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] 
 
 @contextlib.contextmanager
 def full_fp32(seed: int | None = None):
-    """fp32 matmuls and convolutions in full fp32 (no TF32), and with ``seed`` a private, seeded
-    random stream (so two models draw the same numbers); everything restored afterwards."""
+    """fp32 matmuls and convolutions in full fp32 (no TF32), and with ``seed`` private, seeded
+    random streams (so two models draw the same numbers): torch's, and Python's and NumPy's global
+    ones, which models draw from too (Wav2Vec2's SpecAugment masks come from ``numpy.random``);
+    everything restored afterwards."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []), _host_streams(seed):
             if seed is not None:
                 torch.manual_seed(seed)
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+
+
+@contextlib.contextmanager
+def _host_streams(seed: int | None):
+    """Python's and NumPy's global random streams seeded with ``seed`` inside, restored after (nothing when None)."""
+    if seed is None:
+        yield
+        return
+    try:
+        import numpy
+    except ImportError:  # NumPy is optional: nothing to seed
+        numpy = None
+    saved = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    random.seed(seed)
+    if numpy is not None:
+        numpy.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if numpy is not None:
+            numpy.random.set_state(saved[1])
 
 
 def tensor_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[tuple[float, float]]:

@@ -155,19 +155,31 @@ def check_equivalence(
     padded = _padded(original, args, kwargs)
     if padded is not None:
         checks += _mode_checks(original, optimized, *padded, "eval+padding", config, keys)
-    if trainable:
-        checks += _dropout_checks(original, optimized, args, kwargs, config.seed)
-    decoding, skipped = decoding_checks(original, optimized, args, kwargs, rtol=config.fp32_rtol, seed=config.seed)
+    try:
+        if trainable:
+            checks += _dropout_checks(original, optimized, args, kwargs, config.seed)
+        decoding, skipped = decoding_checks(original, optimized, args, kwargs, rtol=config.fp32_rtol, seed=config.seed)
+    except Exception as error:  # noqa: BLE001 - the rewrite is rejected with the error, not a crash
+        return checks + [_raised("dropout/decoding", "train" if trainable else "eval", "float32", error)]
     if notes is not None:
         notes.extend(skipped)
     return checks + decoding
+
+
+def _raised(what: str, mode: str, dtype: str, error: Exception) -> Check:
+    """A failed check for a run that raised (the optimized model, or a check that runs both models)."""
+    message = " ".join(str(error).split())[:240]
+    return Check(what, mode, dtype, float("inf"), float("inf"), 0.0, f"raised {type(error).__name__}: {message}", False, ratio=float("inf"))
 
 
 def _mode_checks(original, optimized, args, kwargs, mode: str, config: OptimizeConfig, keys: set[str]) -> list[Check]:
     train = mode == "train"
     options = dict(train=train, seed=config.seed, keys=keys)
     orig_out, orig_grad = _run(original, args, kwargs, dtype=torch.float32, **options)
-    opt_out, opt_grad = _run(optimized, args, kwargs, dtype=torch.float32, **options)
+    try:
+        opt_out, opt_grad = _run(optimized, args, kwargs, dtype=torch.float32, **options)
+    except Exception as error:  # noqa: BLE001 - a rewrite that cannot run has failed its check; it is never kept
+        return [_raised("outputs", mode, "float32", error)]
     checks = [fp32_check("outputs", mode, opt_out, orig_out, config.fp32_rtol)]
     if train:
         names = sorted(orig_grad)
@@ -177,7 +189,10 @@ def _mode_checks(original, optimized, args, kwargs, mode: str, config: OptimizeC
         return checks
     ref_out, ref_grad = _run(original, args, kwargs, dtype=torch.float64, **options)
     base_out, base_grad = _run(original, args, kwargs, dtype=dtype, **options)
-    low_out, low_grad = _run(optimized, args, kwargs, dtype=dtype, **options)
+    try:
+        low_out, low_grad = _run(optimized, args, kwargs, dtype=dtype, **options)
+    except Exception as error:  # noqa: BLE001 - as above
+        return checks + [_raised("outputs", mode, str(dtype).removeprefix("torch."), error)]
     checks.append(_dtype_check("outputs", mode, dtype, low_out, base_out, ref_out, config.dtype_factor))
     if train:
         names = sorted(ref_grad)

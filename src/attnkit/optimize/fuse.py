@@ -382,6 +382,15 @@ _HEAD_READERS = frozenset({
     "t", "__getitem__", "matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
 })  # fmt: skip
 _METADATA = frozenset({"__get__", "size", "dim", "stride", "numel", "is_contiguous", "data_ptr", "element_size", "__len__"})
+_IN_PLACE_OPERATORS = frozenset({
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+})  # fmt: skip
+
+
+def _writes_in_place(name: str) -> bool:
+    """Whether the torch function ``name`` modifies its tensor argument (``x /= c``, ``x.mul_(c)``...)."""
+    return name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_")
 
 
 class _Readers(TorchFunctionMode):
@@ -456,6 +465,10 @@ def _member_refusal(linear: nn.Linear, calls: _Calls, shared: set[int]) -> str |
         return "called with something other than a tensor"
     if linear.weight.is_meta:
         return "weights on the meta device"
+    if written := sorted(name for name in calls.consumers if _writes_in_place(name)):
+        # A fused member's output is one of several views of the fused GEMM's output, which autograd
+        # forbids modifying in place (Longformer's `query /= sqrt(d)`).
+        return f"its output is modified in place ({', '.join(written)}), which a slice of a fused output does not allow under autograd"
     return None
 
 

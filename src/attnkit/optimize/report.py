@@ -175,8 +175,9 @@ class OptimizationReport:
 
     @property
     def rewritten(self) -> int:
-        """How many modules run rewritten in the returned model: 0 when nothing was rewritten or
-        the rewrite was not kept (a caller should then say so and exit non-zero)."""
+        """How many attention modules run rewritten in the returned model: 0 when none was rewritten or
+        the rewrite was not kept. Fused projections are counted apart (``fusion.groups``); a caller
+        should say so and exit non-zero when neither was kept (the CLI does)."""
         return len(self.rewrites) if self.kept else 0
 
     def to_json(self) -> dict:
@@ -193,8 +194,9 @@ class OptimizationReport:
 
     def __repr__(self) -> str:
         speed = f", speedup={self.latency.speedup:.2f}x" if self.latency else ""
+        fused = f", fused_groups={len(self.fusion.groups)}" if self.fusion is not None and self.fusion.groups else ""
         return (
-            f"OptimizationReport(model={self.model!r}, rewrites={len(self.rewrites)}, skipped={len(self.skipped)}, "
+            f"OptimizationReport(model={self.model!r}, rewrites={len(self.rewrites)}{fused}, skipped={len(self.skipped)}, "
             f"checks={sum(c.passed for c in self.checks)}/{len(self.checks)} passed{speed}, compiled={self.compiled!r})"
         )
 

@@ -1,0 +1,125 @@
+"""`optimize` on models that do something unusual with their projections or their random streams.
+
+Found by running models nobody tuned for: Longformer divides its query projection's output in place
+(`query /= sqrt(d)`), Wav2Vec2 draws its SpecAugment masks from NumPy's global random stream. The
+proof must neither crash nor reject a correct rewrite, and a rewrite that cannot run is never kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import attnkit.optimize.fuse as fuse
+from attnkit.optimize import OptimizeConfig, optimize
+
+
+class InPlaceQuery(nn.Module):
+    """Self-attention whose query projection's output is scaled in place, as Longformer does."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        q = self.query(x)
+        q /= 4.0
+        weights = torch.softmax(q @ self.key(x).transpose(-1, -2), dim=-1)
+        return weights @ self.value(x)
+
+
+class NumpyMasked(nn.Module):
+    """Attention over inputs masked in training by NumPy's global random stream (SpecAugment's way)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        if self.training:
+            keep = torch.from_numpy(np.random.rand(*x.shape[:-1]) > 0.3).to(x.dtype)
+            x = x * keep[..., None]
+        weights = torch.softmax(self.query(x) @ self.key(x).transpose(-1, -2) / 4.0, dim=-1)
+        return weights @ self.value(x)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _x(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("preset", ["default", "rewrite-only"])
+def test_a_projection_modified_in_place_stays_out_of_the_fused_group(preset):
+    torch.manual_seed(0)
+    model, x = InPlaceQuery(), _x(2, 5, 16)
+    config = OptimizeConfig(measure=False) if preset == "default" else OptimizeConfig.from_preset("rewrite-only")
+    optimized, report = optimize(model, (x,), config=config)
+    assert report.passed and report.kept
+    assert [group.members for group in report.fusion.groups] == [("key", "value")]
+    (refusal,) = [r for r in report.fusion.refused if r.members == ("query",)]
+    assert "modified in place (div_)" in refusal.reason
+    out = optimized(x)  # with autograd on: a fused query would raise here
+    out.square().sum().backward()
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+    assert optimized.fused_key_value.weight.grad is not None
+
+
+def test_an_optimized_model_that_raises_is_rejected_with_the_error(monkeypatch):
+    """A planted fault: the fused GEMM raises. The proof reports it and returns the original."""
+
+    def broken(self, x):
+        raise RuntimeError("planted: the fused GEMM cannot run")
+
+    monkeypatch.setattr(fuse.FusedLinear, "forward", broken)
+    torch.manual_seed(0)
+    model, x = NumpyMasked().eval(), _x(2, 5, 16)
+    returned, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
+    assert not report.kept and not report.passed
+    assert returned is model and not any(isinstance(m, fuse.FusedLinear) for m in returned.modules())
+    failed = [check for check in report.checks if not check.passed]
+    assert failed and "raised RuntimeError: planted: the fused GEMM cannot run" in failed[0].rule
+    torch.testing.assert_close(returned(x), model(x))
+
+
+def test_numpy_random_streams_are_seeded_identically_for_both_models():
+    torch.manual_seed(0)
+    model, x = NumpyMasked(), _x(2, 6, 16)
+    state = np.random.get_state()
+    _, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
+    assert report.kept and report.passed, [c for c in report.checks if not c.passed]
+    assert {c.mode for c in report.checks} >= {"eval", "train"}
+    assert report.fusion.groups, "the Q/K/V projections are fused, so the train check compares two different models"
+    after = np.random.get_state()
+    assert after[0] == state[0] and (after[1] == state[1]).all() and after[2:] == state[2:]  # the user's stream is untouched
+
+
+def test_wav2vec2_with_spec_augment_is_rewritten_and_kept():
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+        conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=32, mask_time_prob=0.05,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(config).eval()
+    _, report = optimize(model, (_x(1, 1600),), config=OptimizeConfig(measure=False))
+    assert report.kept and report.passed, [c for c in report.checks if not c.passed]
+    assert len(report.rewrites) == 2
+
+
+def test_longformer_keeps_its_in_place_query_out_of_the_fusion():
+    config = transformers.LongformerConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, attention_window=4,
+        max_position_embeddings=130, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LongformerModel(config).eval()
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    optimized, report = optimize(model, (ids,), config=OptimizeConfig(measure=False))
+    assert report.passed and report.fusion.groups
+    assert all("query" not in group.members for group in report.fusion.groups)
+    optimized.train()
+    optimized(ids).last_hidden_state.sum().backward()
