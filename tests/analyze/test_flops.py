@@ -78,7 +78,7 @@ def test_attention_counted_by_shape_and_causal_halved(causal):
 def test_views_and_eval_dropout_cost_nothing():
     class _Shuffle(torch.nn.Module):
         def forward(self, x):
-            return F.dropout(x.view(6, 10).transpose(0, 1), 0.5, training=False).unsqueeze(0)
+            return F.dropout(x.view(6, 10).transpose(0, 1).T.mT, 0.5, training=False).unsqueeze(0).broadcast_to(2, 10, 6)
 
     ops = _ops(_Shuffle(), torch.randn(60))
     assert {o.category for o in ops} <= {"view", "noop"}

@@ -1,5 +1,6 @@
 """find_attention() on attention spelled the ways real models spell it: Gemma 2's soft-capped logits,
-BLOOM's ALiBi ``baddbmm`` with a head view before the softmax, ``torch.einsum``; and what is not attention."""
+BLOOM's ALiBi ``baddbmm`` with a head view before the softmax, Falcon's fused ``x @ W.T`` Q/K/V split by
+views and slices with K/V broadcast to the query heads before RoPE, ``torch.einsum``; and what is not attention."""
 
 import math
 
@@ -111,10 +112,10 @@ def test_tanh_without_a_cap_is_no_soft_cap():
     assert site.softcap == 1.0 and site.scale == 1.0
 
 
-def _tiny(config_cls, model_cls, **fields):
+def _tiny(config_cls, model_cls, attn="eager", **fields):
     transformers = pytest.importorskip("transformers")
     config = getattr(transformers, config_cls)(vocab_size=64, **fields)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn
     return getattr(transformers, model_cls)(config).eval()
 
 
@@ -129,6 +130,21 @@ def test_transformers_gemma2_soft_capping():
         assert site.scale == pytest.approx(8**-0.5)
 
 
+def test_masks_are_named_for_what_they_hide():
+    """Padding hides whole keys; a sliding window (Starcoder2, every layer) hides keys from some queries
+    only, and ALiBi (BLOOM) adds a bias: neither is called padding although both are built from ``attention_mask``."""
+    ids = torch.randint(3, 64, (1, 16))
+    window = _tiny("Starcoder2Config", "Starcoder2Model", attn="sdpa", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip
+    alibi = _tiny("BloomConfig", "BloomModel", hidden_size=32, n_layer=2, n_head=4)
+    padding = _tiny("BertConfig", "BertModel", attn="sdpa", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    for model, attention_mask, expected in ((window, torch.ones_like(ids), "bool"), (alibi, torch.ones_like(ids), "additive"), (padding, mask, "padding")):
+        sites = find_attention(capture(model, (), {"input_ids": ids, "attention_mask": attention_mask}))
+        assert [site.mask for site in sites] == [expected] * 2, type(model).__name__
+
+
 def test_transformers_bloom_alibi():
     model = _tiny("BloomConfig", "BloomModel", hidden_size=32, n_layer=2, n_head=4)
     ids = torch.randint(0, 64, (2, 8))
@@ -137,3 +153,24 @@ def test_transformers_bloom_alibi():
     for site in sites:
         assert (site.form, site.causal, site.num_heads, site.head_dim_qk, site.seq_kv) == ("matmul-softmax", True, 4, 8, 8)
         assert site.qkv_layout == "packed" and site.scale == pytest.approx(8**-0.5)
+
+
+@pytest.mark.parametrize(
+    "attn, fields, kv_heads",
+    [
+        ("sdpa", dict(new_decoder_architecture=True, num_kv_heads=2), 2),  # view (B, S, kv, group + 2, D), slices
+        ("eager", dict(new_decoder_architecture=True, num_kv_heads=2), 2),  # scores /= sqrt(D) in place
+        ("sdpa", dict(multi_query=True), 1),
+        ("sdpa", dict(multi_query=False), 4),  # classic: view (B, S, H, 3, D), select
+    ],
+)
+def test_transformers_falcon_fused_qkv(attn, fields, kv_heads):
+    """One ``x @ W.T`` makes Q, K and V (packed self attention); K/V heads are counted before their broadcast."""
+    model = _tiny("FalconConfig", "FalconModel", attn, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  alibi=False, bias=False, **fields)
+    sites = find_attention(capture(model, (), {"input_ids": torch.randint(0, 64, (2, 8))}))
+    assert len(sites) == 2
+    for site in sites:
+        assert (site.kind, site.qkv_layout, site.causal, site.num_heads, site.num_kv_heads) == ("self", "packed", True, 4, kv_heads)
+        assert site.projections["q"] == site.projections["k"] == site.projections["v"] and site.projections["out"]
+        assert site.form == ("sdpa" if attn == "sdpa" else "matmul-softmax") and site.scale == pytest.approx(8**-0.5)

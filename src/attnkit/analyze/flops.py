@@ -34,9 +34,9 @@ FLOP_CONVENTION = (
 )
 
 _VIEWS = {
-    "view", "_unsafe_view", "transpose", "permute", "t", "expand", "expand_as", "unsqueeze", "squeeze",
-    "select", "slice", "split", "split_with_sizes", "chunk", "unbind", "narrow", "as_strided", "alias",
-    "detach", "view_as", "movedim", "diagonal", "getitem", "lift_fresh_copy",
+    "view", "_unsafe_view", "transpose", "permute", "t", "numpy_T", "mT", "expand", "expand_as", "broadcast_to",
+    "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "chunk", "unbind", "narrow", "as_strided",
+    "alias", "detach", "view_as", "movedim", "diagonal", "getitem", "lift_fresh_copy",
 }
 _MAYBE_COPY = {"reshape", "flatten", "unflatten", "contiguous"}  # a view unless the layout forbids it
 _NOOPS = {"dropout", "feature_dropout", "alpha_dropout", "empty", "empty_like", "new_empty", "empty_strided"}

@@ -10,6 +10,11 @@ is a bias such as ALiBi, BLOOM) or a batched-matmul ``einsum`` (export keeps ``a
 head reshapes (``view``) may sit between them and the softmax; soft-capping is Gemma 2's
 ``cap * tanh(scores / cap)``.
 
+Projections are the nearest GEMMs with a weight parameter above Q, K, V and after the output (the
+weight may be transposed in the graph: Falcon's ``x @ W.T``); Q and K from one GEMM, or from GEMMs
+on one input, make self attention. K/V heads are counted before any expansion to the query heads
+between K's projection and the op (``repeat_kv``, or Falcon's ``broadcast_to`` ahead of RoPE).
+
 Mask values decide causality when the mask is materialised (no ``is_causal`` flag) and whether a
 padding mask masks anything. They are read where they exist and are cheap: on the example inputs
 when those hold data and every mask is small; otherwise on a *probe*, the same model captured at a
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -34,7 +39,7 @@ from attnkit.discover.capture import CapturedGraph
 from attnkit.discover.mask_values import evaluable, evaluate
 from attnkit.discover.site import SiteRecord
 
-__all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "sdpa_arguments", "op_name"]
+__all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "SOFTMAX", "sdpa_arguments", "op_name"]
 
 SDPA_OPS = frozenset(
     {
@@ -47,12 +52,12 @@ SDPA_OPS = frozenset(
 )
 """ATen SDPA ops (by packet name) that :func:`find_attention` recognises."""
 
-_SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
 _LAYOUT = {
     "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze",
     "contiguous", "clone", "select", "slice", "getitem", "split", "split_with_sizes", "chunk",
-    "unbind", "unflatten", "flatten", "alias", "t", "to", "_to_copy", "type_as", "detach",
-    "repeat_interleave",
+    "unbind", "unflatten", "flatten", "alias", "t", "numpy_T", "mT", "to", "_to_copy", "type_as", "detach",
+    "repeat_interleave", "broadcast_to",
 }  # fmt: skip
 _HEAD_VIEWS = {"view", "_unsafe_view", "reshape"}  # (B*H, S, S) <-> (B, H, S, S) around the softmax (BLOOM)
 _PROBABILITY_PASS = {"dropout", "native_dropout", "getitem", "to", "_to_copy", "type_as", "clone", "contiguous", *_HEAD_VIEWS}
@@ -91,8 +96,9 @@ class AttentionSite:
     seq_kv: int
     mask: MaskKind
     """``"causal"``: exactly the causal pattern on the example inputs; ``"padding"``: otherwise
-    built from a model input (``attention_mask``); ``"additive"``/``"bool"``: any other float/bool
-    mask (e.g. T5's position bias); ``"none"``: no mask, or one that allows everything."""
+    built from a model input (``attention_mask``) and, where its values are known, hiding whole keys
+    only; ``"additive"``/``"bool"``: any other float/bool mask (T5's position bias, ALiBi, a sliding
+    window); ``"none"``: no mask, or one that allows everything."""
     dropout_p: float
     """Dropout on the probabilities as captured (0.0 in eval mode)."""
     scale: float
@@ -178,7 +184,7 @@ def _cores(graph: torch.fx.Graph) -> list[_Core]:
     for node in graph.nodes:
         if op_name(node) in SDPA_OPS:
             cores.append(_sdpa_core(node))
-        elif op_name(node) in _SOFTMAX and (core := _chain_core(node)) is not None:
+        elif op_name(node) in SOFTMAX and (core := _chain_core(node)) is not None:
             cores.append(core)
     return cores
 
@@ -308,6 +314,7 @@ def _pv_path(probabilities: Node) -> list[Node] | None:
 
 
 _SCORE_PASS = {"to", "_to_copy", "type_as", "clone", "contiguous"}
+_SCALE = {"mul", "div", "mul_", "div_"}  # by a number; in place in Falcon's eager ``scores /= sqrt(d)``
 
 
 def _trace_scores(node: Node, ops: list[Node]):
@@ -322,7 +329,7 @@ def _trace_scores(node: Node, ops: list[Node]):
         return (node, [], None, None) if _is_batched_matmul(node) else None
     args = node.args
     if (name in _SCORE_PASS or name in _HEAD_VIEWS or name == "tanh"
-            or (name in ("mul", "div") and isinstance(args[1], (int, float)))):
+            or (name in _SCALE and isinstance(args[1], (int, float)))):
         step, mask = args[0], None
     elif name == "add" and all(isinstance(arg, Node) for arg in args[:2]):
         step = next((arg for arg in args[:2] if _trace_scores(arg, []) is not None), None)
@@ -340,8 +347,8 @@ def _trace_scores(node: Node, ops: list[Node]):
     qk, masks, scale, softcap = found
     if name == "tanh":
         softcap = 1.0
-    elif name in ("mul", "div"):
-        factor = args[1] if name == "mul" else 1.0 / args[1]
+    elif name in _SCALE:
+        factor = args[1] if name.startswith("mul") else 1.0 / args[1]
         if softcap is None:
             scale = (scale or 1.0) * factor
         else:
@@ -378,7 +385,7 @@ def _site(core: _Core, parameters: set[str], fact: tuple[bool, MaskKind, MaskEvi
         kind=kind,
         causal=causal,
         num_heads=num_heads,
-        num_kv_heads=kv_heads // _expansion(k_path),
+        num_kv_heads=kv_heads // _expansion(_between(projections["k"], core.k) if projections["k"] else k_path),
         head_dim_qk=head_dim_qk,
         head_dim_v=head_dim_v,
         batch=batch,
@@ -414,13 +421,31 @@ def _width(nodes: list[Node], head_dim: int) -> int:
     return head_dim
 
 
-def _expansion(path: list[Node]) -> int:
-    """How many times K heads are repeated on the way to the op (GQA ``repeat_kv`` or repeat_interleave)."""
+def _between(source: Node, target: Node) -> set[Node]:
+    """Nodes on any path from ``source`` to ``target`` (``target`` included), e.g. K's from its projection
+    through head splits, RoPE and GQA expansion. ``source`` must be an ancestor of ``target``."""
+    below, node = {source}, source
+    while node is not target:  # graph order is topological: descendants of source up to target
+        node = node.next
+        if any(arg in below for arg in node.all_input_nodes):
+            below.add(node)
+    path, stack = {target}, [target]
+    while stack:  # ... that are also ancestors of target
+        for arg in stack.pop().all_input_nodes:
+            if arg in below and arg is not source and arg not in path:
+                path.add(arg)
+                stack.append(arg)
+    return path
+
+
+def _expansion(path: Iterable[Node]) -> int:
+    """How many times K heads are repeated on ``path`` (GQA ``repeat_kv``, Falcon's ``broadcast_to`` of the
+    K group to the query heads, repeat_interleave)."""
     factor = 1
     for node in path:
-        if op_name(node) == "expand":
+        if op_name(node) in ("expand", "broadcast_to"):
             before, after = node.args[0].meta["val"].shape, node.meta["val"].shape
-            factor *= math.prod(a for b, a in zip(before, after) if b == 1 and a > 1)
+            factor *= math.prod(a for b, a in zip(reversed(before), reversed(after)) if b == 1 and a > 1)
         elif op_name(node) == "repeat_interleave" and isinstance(node.args[1], int):
             factor *= node.args[1]
     return factor
@@ -557,11 +582,20 @@ def _mask_kind(core: _Core, values: dict[Node, torch.Tensor], evidence: MaskEvid
     causal = core.causal or (bool(future.any()) and not bool((allowed & future).any()))
     if causal and only_masking and bool((allowed == ~future).all()):
         return causal, "causal", evidence
-    if any(_from_input(node) for node, _ in core.masks):
+    if only_masking and _masks_whole_keys(allowed, ~future if causal else None) and any(_from_input(node) for node, _ in core.masks):
         return causal, "padding", evidence
     if only_masking and bool(allowed.all()):  # e.g. an all-True mask built from constants
         return causal, "none", evidence
     return causal, "bool" if all(how != "add" for _, how in core.masks) else "additive", evidence
+
+
+def _masks_whole_keys(allowed: torch.Tensor, base: torch.Tensor | None) -> bool:
+    """Whether ``allowed`` (..., Sq, Skv) hides whole keys inside ``base`` (the causal pattern, or every
+    pair when None), as padding does: each key is seen by every query ``base`` lets see it, or by none.
+    A sliding window hides keys from some queries only."""
+    inside = allowed if base is None else allowed | ~base
+    seen_by_all = inside.all(dim=-2, keepdim=True)
+    return bool((inside == seen_by_all).all())
 
 
 def _from_input(node: Node) -> bool:
