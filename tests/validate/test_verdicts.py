@@ -91,3 +91,66 @@ def test_speed_advice_names_only_ways_that_exist(backend, sdpa_kernel):
     text = next(r.text for r in recs if f"Backend {backend!r}" in r.text)
     assert f"attnkit.ops.attention(..., backend={backend!r})" in text
     assert (sdpa_kernel in text) if sdpa_kernel else ("sdpa_kernel" not in text), text
+
+
+class _NoFloat64(nn.Module):
+    """SDPA self-attention behind a kernel that takes no float64 (as MoE layers' grouped_mm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        if x.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_a_model_without_float64_skips_its_whole_model_checks_instead_of_crashing():
+    torch.manual_seed(0)
+    config = ValidateConfig.preset("quick", seed=0)
+    report = validate(_NoFloat64().eval(), example_inputs=(torch.randn(1, 12, 16),), config=config, device="cpu")
+    assert report.attention_calls == 1 and report.passed, report.verdict
+    assert report.accuracy and all(r.status != "fail" for r in report.accuracy)
+    assert not any(r.case.startswith("model output") for r in report.accuracy)  # no whole-model row without a reference
+    assert any("Whole-model output checks skipped: the model cannot run in float64" in note for note in report.model_notes)
+    assert "cannot run in float64" in report.skipped["compile_amp"]
+
+
+class _DataDependentAttention(nn.Module):
+    """matmul + softmax attention behind a branch on a tensor's value: torch.export cannot capture it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+
+class _SoftmaxHead(nn.Module):
+    """A softmax that is not attention (a classifier's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.linear(x), dim=-1)
+
+
+def test_no_attention_says_why_graph_discovery_saw_none():
+    config = ValidateConfig.preset("quick", seed=0)
+    failed = validate(_DataDependentAttention(), example_inputs=(torch.randn(1, 6, 8),), config=config, device="cpu")
+    assert failed.verdict == "NO ATTENTION"
+    (note,) = [n for n in failed.model_notes if n.startswith("No attention layer found")]
+    assert "graph capture failed, so attention written as matmul + softmax was not looked for" in note and "data-dependent" in note.lower()
+
+    head = validate(_SoftmaxHead(), example_inputs=(torch.randn(2, 16),), config=config, device="cpu")
+    assert head.verdict == "NO ATTENTION"
+    assert any("the captured graph has 1 softmax op(s) that match no attention pattern" in n for n in head.model_notes)
+
+    mlp, inputs = _mlp()
+    mlp.config = type("Config", (), {"_attn_implementation": "eager"})()  # as a transformers state-space model's (Mamba)
+    plain = validate(mlp, example_inputs=inputs, config=config, device="cpu")
+    assert any(n.endswith("and graph capture found none.") for n in plain.model_notes)
+    assert not any("attn_implementation" in n for n in plain.model_notes)  # no advice on how absent attention runs

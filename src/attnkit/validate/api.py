@@ -57,9 +57,12 @@ def _accepts_sdpa(model: nn.Module) -> bool:
         return False
 
 
-def _model_notes(model: nn.Module, layers) -> list[str]:
+def _model_notes(model: nn.Module, layers, discovery: list[str]) -> list[str]:
+    """What the report should say about the model itself; ``discovery``: ``find_layers``' notes."""
     notes = []
     attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not (layers or discovery):
+        attn_impl = None  # nothing attention-like seen (a state-space model): no advice about how attention runs
     if attn_impl == "eager" and _accepts_sdpa(model):
         notes.append("The transformers model runs attn_implementation='eager' (matmul + softmax): load it with attn_implementation='sdpa' so fused kernels can run.")
     elif attn_impl == "eager":
@@ -68,7 +71,8 @@ def _model_notes(model: nn.Module, layers) -> list[str]:
         notes.append(f"The transformers model runs attn_implementation='eager' (matmul + softmax), the only implementation {type(model).__name__} "
                      f"offers in transformers {transformers.__version__}: no fused kernel can run its attention as written.")
     if not layers:
-        notes.append("No attention layer found: the model makes no F.scaled_dot_product_attention call, has no nn.MultiheadAttention, and graph capture found none.")
+        graph = "; ".join(discovery) if discovery else "graph capture found none"
+        notes.append(f"No attention layer found: the model makes no F.scaled_dot_product_attention call, has no nn.MultiheadAttention, and {graph}.")
     return notes
 
 
@@ -85,10 +89,17 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     seed: int
+    reference_error: str = ""
+    """Why the model has no float64 reference output (empty while it has one)."""
 
     @functools.cached_property
-    def reference(self) -> torch.Tensor:
-        return reference_output(self.model, self.inputs, self.kwargs)
+    def reference(self) -> torch.Tensor | None:
+        """The main output of the model in float64, or None when it cannot run in float64 (``reference_error`` says why)."""
+        try:
+            return reference_output(self.model, self.inputs, self.kwargs)
+        except Exception as error:  # noqa: BLE001 - some kernels take no float64 (grouped_mm in MoE layers): checks against it are skipped
+            self.reference_error = f"the model cannot run in float64 for a reference output ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+            return None
 
     @property
     def routable(self) -> bool:
@@ -98,6 +109,9 @@ class _Run:
     def accuracy(self, report: ValidationReport) -> None:
         report.accuracy = run_accuracy(self.layers, self.backends, self.config, self.seed, self.device)
         if self.config.model_output and self.routable:
+            if self.reference is None:
+                report.model_notes.append(f"Whole-model output checks skipped: {self.reference_error}.")
+                return
             report.accuracy += check_model_output(self.model, self.inputs, self.kwargs, self.backends, self.dtype, self.reference, self.config.tolerance_factor)
 
     def performance(self, report: ValidationReport, progress: Callable[[str], None]) -> None:
@@ -107,6 +121,9 @@ class _Run:
             report.performance += time_model(self.model, self.inputs, self.kwargs, self.backends, self.config, self.device, self.dtype, seq)
 
     def compile_amp(self, report: ValidationReport) -> None:
+        if self.reference is None:
+            report.skipped["compile_amp"] = self.reference_error
+            return
         report.compile_amp = check_compile(self.model, self.inputs, self.kwargs, self.reference, self.dtype, self.config, self.device)
         report.compile_amp += check_autocast(self.model, self.inputs, self.kwargs, self.reference, self.config, self.device)
 
@@ -173,8 +190,9 @@ def validate(
 
     stage_done("load")
     progress("compatibility: finding attention layers")
-    layers = find_layers(model, inputs, kwargs)
-    report.model_notes = _model_notes(model, layers)
+    discovery: list[str] = []
+    layers = find_layers(model, inputs, kwargs, notes=discovery)
+    report.model_notes = _model_notes(model, layers, discovery)
     report.attention_calls = sum(len(layer.names) for layer in layers)
     if "compatibility" in config.stages:
         report.environment = environment(device, dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnkit.discover.attention import find_attention
+from attnkit.discover.attention import SOFTMAX, find_attention, op_name
 from attnkit.discover.capture import capture
 from attnkit.discover.runtime import AttentionCall, intercept_attention
 from attnkit.discover.site import SiteRecord
@@ -106,21 +106,32 @@ def _record(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> li
 _EXPLICIT = "written as matmul + softmax: no backend runs it until the layer calls F.scaled_dot_product_attention"
 
 
-def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[_Found]:
-    """Attention found by ``attnkit.discover`` pattern matching on a captured graph; none if export fails."""
+def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict, notes: list[str]) -> list[_Found]:
+    """Attention found by ``attnkit.discover`` pattern matching on a captured graph; none if export fails
+    (``notes`` then says so, and also when the graph holds softmax ops that match no attention pattern)."""
     try:
         captured = capture(model, example_inputs, example_kwargs)
-    except CaptureError:  # a fallback here: a model torch.export cannot capture just has no graph sites
+    except CaptureError as error:  # a fallback here: a model torch.export cannot capture just has no graph sites
+        notes.append(f"graph capture failed, so attention written as matmul + softmax was not looked for ({' '.join(str(error).split())[:300]})")
         return []
     device, dtype = model_device(model).type, model_dtype(model)
-    return [(site.record, "graph", site.record.spec(device=device, dtype=dtype), [_EXPLICIT] if site.form != "sdpa" else [])
-            for site in find_attention(captured)]
+    found = [(site.record, "graph", site.record.spec(device=device, dtype=dtype), [_EXPLICIT] if site.form != "sdpa" else [])
+             for site in find_attention(captured)]  # fmt: skip
+    softmaxes = sum(op_name(node) in SOFTMAX for node in captured.graph_module.graph.nodes)
+    if softmaxes and not found:
+        notes.append(f"the captured graph has {softmaxes} softmax op(s) that match no attention pattern (block-sparse or gathered "
+                     "attention, for instance): nothing validates them")  # fmt: skip
+    return found
 
 
-def find_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> list[AttentionLayer]:
-    """The attention layers of ``model`` as called on the example inputs, grouped by spec."""
+def find_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, notes: list[str] | None = None) -> list[AttentionLayer]:
+    """The attention layers of ``model`` as called on the example inputs, grouped by spec.
+
+    ``notes`` (if given) gets why graph capture could not look for attention, or the softmax ops it saw but did not recognise.
+    """
     example_kwargs = example_kwargs or {}
-    found = _record(model, example_inputs, example_kwargs) or _from_graph(model, example_inputs, example_kwargs)
+    notes = notes if notes is not None else []
+    found = _record(model, example_inputs, example_kwargs) or _from_graph(model, example_inputs, example_kwargs, notes)
     layers: dict[tuple, AttentionLayer] = {}
     for site, kind, spec, blockers in found:
         key = (kind, spec, tuple(blockers), site.explicit_scale)
