@@ -170,6 +170,23 @@ def test_rejected_before_any_model_is_built(args, option, tmp, no_build):
     assert seconds < 5
 
 
+@pytest.mark.parametrize(
+    "args, option, value",
+    [
+        (["analyze", "gpt2", "--seq", "-4"], "--seq", "-4"),
+        (["optimize", "gpt2", "--batch", "-1"], "--batch", "-1"),
+        (["profile", "gpt2", "--batch", "0"], "--batch", "0"),
+        (["validate", "gpt2", "--repeats", "0"], "--repeats", "0"),
+        (["bench", "attention", "--repeats", "0"], "--repeats", "0"),
+    ],
+)
+def test_sizes_get_one_line_saying_what_came(args, option, value, tmp, no_build):
+    result, _ = _invoke(args, tmp)
+    _assert_clear_error(result, option)
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]  # our line, not typer's usage box
+    assert line.startswith(f"error: {option}: expected an integer from 1 to") and line.endswith(f"got {value}."), line
+
+
 @pytest.mark.parametrize("args, option", IN_BUILD)
 def test_rejected_while_building(args, option, tmp):
     result, seconds = _invoke(args, tmp)

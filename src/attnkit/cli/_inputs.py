@@ -19,13 +19,15 @@ import torch
 
 from attnkit.errors import AttnkitError, InvalidArgumentError, InvalidTypeError, check_arg, fail
 
-__all__ = ["MAX_BATCH", "MAX_SEQ", "check_inputs", "cli_message"]
+__all__ = ["MAX_BATCH", "MAX_REPEATS", "MAX_SEQ", "check_inputs", "cli_message"]
 
 MAX_SEQ = 1 << 20
 """Longest ``--seq`` accepted (tokens): past every model's context, so a typo such as 10000000
 is an error instead of an attempt to allocate terabytes."""
 MAX_BATCH = 1 << 16
 """Largest ``--batch`` accepted."""
+MAX_REPEATS = 100_000
+"""Most timed calls per measurement (``--repeats``)."""
 
 _FLAGS = {
     "name": "MODEL",
@@ -47,6 +49,7 @@ def check_inputs(
     models: str | Sequence[str] | None = None,
     batch: int | Sequence[int] | None = None,
     seq: int | None = None,
+    repeats: int | None = None,
     device: str | None = None,
     hardware: str | None = None,
     measured: Path | None = None,
@@ -60,6 +63,7 @@ def check_inputs(
     Args:
         models: ``MODEL``: zoo names are checked here, ``package.module:function`` when imported.
         batch, seq: ``--batch`` in ``[1, MAX_BATCH]``, ``--seq`` in ``[1, MAX_SEQ]``.
+        repeats: ``--repeats`` in ``[1, MAX_REPEATS]``.
         device: ``--device``: ``cpu``, or ``cuda``/``cuda:N`` when that GPU is visible.
         hardware: ``--hardware``; when it names a file, the file must be a readable profile JSON.
         measured: ``--measured``: a readable profile JSON with measured records.
@@ -74,6 +78,7 @@ def check_inputs(
     for value in [batch] if batch is None or isinstance(batch, int) else batch:
         _check_range(value, "--batch", 1, MAX_BATCH)
     _check_range(seq, "--seq", 1, MAX_SEQ)
+    _check_range(repeats, "--repeats", 1, MAX_REPEATS)
     _check_device(device)
     if hardware is not None and _names_file(hardware):
         _check_hardware_file(Path(hardware))

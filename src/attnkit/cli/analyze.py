@@ -25,8 +25,8 @@ def register(app: typer.Typer) -> None:
             help="h100, h200, a100, l4, cpu (a fixed 16-core AVX-512 server, not this machine), this (this "
                  "machine's GPU, else its CPU: measured on first use, then cached), or a calibrate JSON file."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Analysis dtype: fp32, bf16, fp16 (default: the model's)."),
-        batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the example inputs."),
-        seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (text models)."),
+        batch: int = typer.Option(1, "--batch", help="Batch size of the example inputs."),
+        seq: Optional[int] = typer.Option(None, "--seq", help="Sequence length (text models)."),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (versioned schema)."),
         markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the report as Markdown."),
         html_path: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML page with a roofline plot."),

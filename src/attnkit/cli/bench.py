@@ -51,13 +51,13 @@ def attention_command(
     device: str = typer.Option(None, help="cuda or cpu; default cuda when available."),
     backends: str = typer.Option(None, help="Comma-separated backend names; default all."),
     dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
-    repeats: int = typer.Option(10, min=1, help="Timed calls per measurement (median reported)."),
+    repeats: int = typer.Option(10, help="Timed calls per measurement (median reported)."),
     budget_s: float = typer.Option(None, "--budget-s", help="Stop starting measurements after this many seconds."),
 ) -> None:
     """Time every attention backend and auto over a grid of shapes (TFLOP/s)."""
     torch_dtype = parse_dtype(dtype, "--dtype")
     check_arg(budget_s is None or budget_s > 0, "--budget-s", "a number of seconds > 0", budget_s)
-    check_inputs(device=device, backends=backends, outputs={"--json": json_path})
+    check_inputs(repeats=repeats, device=device, backends=backends, outputs={"--json": json_path})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console(stderr=True)
     grid = default_grid(quick=quick, device=device)

@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
     def optimize_command(
         model: str = typer.Argument(..., help="Zoo name (vit_b_16, bert-base, gpt2, llama-gqa, t5-small, ...) or package.module:function."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Run the optimized model in fp32, bf16 or fp16 (default: the model's)."),
-        batch: int = typer.Option(1, "--batch", min=1, help="Batch size of the example inputs."),
-        seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (text models)."),
+        batch: int = typer.Option(1, "--batch", help="Batch size of the example inputs."),
+        seq: Optional[int] = typer.Option(None, "--seq", help="Sequence length (text models)."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the optimized model (the report says so)."),
         compile_modes: Optional[list[str]] = typer.Option(
             None, "--compile-mode", help="torch.compile mode for --compile (default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune); "

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile_command(
         models: List[str] = typer.Argument(..., help="Zoo names or package.module:function."),
-        batch: List[int] = typer.Option([1, 64], "--batch", min=1, help="Batch sizes (repeat the option)."),
+        batch: List[int] = typer.Option([1, 64], "--batch", help="Batch sizes (repeat the option)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Model and analysis dtype (default: bf16 on a GPU, fp32 on CPU)."),
         hardware: Optional[str] = typer.Option(
             None, "--hardware",

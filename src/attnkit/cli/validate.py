@@ -18,21 +18,21 @@ def register(app: typer.Typer) -> None:
     def validate_command(
         model: str = typer.Argument(..., help="Zoo name (vit_b_16, bert-base, llama-gqa, ...) or package.module:function."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."),
-        batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Batch size of the example inputs."),
-        seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length of the example inputs (text models)."),
+        batch: Optional[int] = typer.Option(None, "--batch", help="Batch size of the example inputs."),
+        seq: Optional[int] = typer.Option(None, "--seq", help="Sequence length of the example inputs (text models)."),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file."),
         plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG plots (latency, memory, accuracy) to this directory."),
         quick: bool = typer.Option(False, "--quick", help="Quick preset: model shapes only, no compile (seconds on CPU)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the accuracy inputs (default: fresh each run)."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to test (default: all but reference)."),
-        repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed calls per measurement (default: the preset's)."),
+        repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed calls per measurement (default: the preset's)."),
     ) -> None:
         """Check backends, accuracy (fwd + grads vs float64), speed, compile and AMP; exit 1 if accuracy
         fails or no attention was found to validate."""
         from attnkit.validate import ValidateConfig, render, save_plots, validate
 
-        check_inputs(models=model, batch=batch, seq=seq, device=device, backends=backends,
+        check_inputs(models=model, batch=batch, seq=seq, repeats=repeats, device=device, backends=backends,
                      outputs={"--json": json_path}, output_dirs={"--plots": plots})
         console = Console(stderr=True)
         names = tuple(name.strip() for name in backends.split(",")) if backends else None
