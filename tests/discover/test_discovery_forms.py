@@ -88,7 +88,7 @@ def test_alibi_baddbmm_with_head_view_is_found():
     alibi = torch.randn(_B * _H, 1, _S)
     site = _one_site(_Alibi(), torch.randn(_B, _S, _WIDTH), alibi)
     assert (site.form, site.kind, site.causal, site.qkv_layout) == ("matmul-softmax", "self", True, "packed")
-    assert site.mask == "padding"  # ALiBi is added from a model input; it is not a pure masking pattern
+    assert site.mask == "additive"  # an ALiBi bias, though added from a model input: it changes scores, it does not only hide keys
     assert (site.batch, site.num_heads, site.num_kv_heads, site.seq_kv, site.head_dim_v) == (_B, _H, _H, _S, _D)
     assert site.scale == pytest.approx(_D**-0.5) and site.softcap == 0.0
     assert site.projections["out"] is not None

@@ -592,10 +592,12 @@ def _mask_kind(core: _Core, values: dict[Node, torch.Tensor], evidence: MaskEvid
 def _masks_whole_keys(allowed: torch.Tensor, base: torch.Tensor | None) -> bool:
     """Whether ``allowed`` (..., Sq, Skv) hides whole keys inside ``base`` (the causal pattern, or every
     pair when None), as padding does: each key is seen by every query ``base`` lets see it, or by none.
+    Queries that see every key or none are left out (transformers opens the rows of padded queries).
     A sliding window hides keys from some queries only."""
     inside = allowed if base is None else allowed | ~base
-    seen_by_all = inside.all(dim=-2, keepdim=True)
-    return bool((inside == seen_by_all).all())
+    partial = ~inside.all(dim=-1, keepdim=True) & (allowed if base is None else allowed & base).any(dim=-1, keepdim=True)
+    seen_by_all, hidden_from_all = (inside | ~partial).all(dim=-2), (~inside | ~partial).all(dim=-2)
+    return bool((seen_by_all | hidden_from_all).all())
 
 
 def _from_input(node: Node) -> bool:
