@@ -5,8 +5,9 @@ attention over each: with ``lse`` the natural-log log-sum-exp of a row's scaled,
 
     out = w_a * out_a + w_b * out_b,   w_x = exp(lse_x - lse),   lse = log(exp(lse_a) + exp(lse_b)).
 
-Ring attention (one key block per hop), the chunked backend (one block per step) and sparse
-attention (one partial per selected block set) all combine partials with :func:`merge_partials`.
+Ring attention (one key block per hop) and sparse attention (one partial per selected block set)
+combine partials with :func:`merge_partials`; the chunked backend runs the same merge with each lse
+kept as a row max and a sum of ``exp(score - max)``, so that no rounded lse enters its weights.
 The merge runs in float32 (float64 when any input is float64), so a long chain of merges never rounds
 to bf16 between steps; cast once at the end.
 """
