@@ -384,12 +384,12 @@ _HEAD_READERS = frozenset({
 _METADATA = frozenset({"__get__", "size", "dim", "stride", "numel", "is_contiguous", "data_ptr", "element_size", "__len__"})
 _IN_PLACE_OPERATORS = frozenset({
     "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
-    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__",
 })  # fmt: skip
 
 
 def _writes_in_place(name: str) -> bool:
-    """Whether the torch function ``name`` modifies its tensor argument (``x /= c``, ``x.mul_(c)``...)."""
+    """Whether the torch function ``name`` modifies its tensor argument (``x /= c``, ``x.mul_(c)``, ``x[i] = c``...)."""
     return name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_")
 
 
