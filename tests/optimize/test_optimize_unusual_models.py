@@ -128,3 +128,10 @@ def test_longformer_keeps_its_in_place_query_out_of_the_fusion():
     assert all("query" not in group.members for group in report.fusion.groups)
     optimized.train()
     optimized(ids).last_hidden_state.sum().backward()
+
+
+def test_a_model_with_nothing_to_rewrite_says_its_checks_prove_nothing():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    _, report = optimize(model, (_x(2, 16),), config=OptimizeConfig(measure=False))
+    assert report.rewritten == 0 and not report.fusion.groups
+    assert any(note.startswith("nothing was rewritten or fused") and "compare it with itself" in note for note in report.notes)

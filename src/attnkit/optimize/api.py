@@ -113,6 +113,8 @@ def optimize(
         apply_fusion(optimized, report.fusion)
     elif config.fuse_qkv:
         report.notes.append("no example inputs: projections not fused (fusion traces which projections read the same input)")
+    if not report.rewrites and not (report.fusion is not None and report.fusion.groups):
+        report.notes.append("nothing was rewritten or fused: the returned model computes what the original does, and its checks compare it with itself")
     if args is None:
         report.notes.append("no example inputs: equivalence not checked, latency not measured")
     elif config.check:  # before the cast: the fp32 check needs the fp32 weights
