@@ -133,3 +133,11 @@ def test_rows_derive_their_shared_fields_from_the_cost_model():
     assert shared == {"mode", "num_kernels", "total_flops", "total_bytes", "device_s", "host_s", "host_busy_s"}
     assert all(getattr(summary, name) == getattr(cost, name) for name in shared)
     assert (summary.predicted_s, summary.limiter, summary.kernels) == (cost.predicted_s, cost.limiter, (row,))
+
+
+def test_softmax_outside_any_attention_is_noted(report):
+    assert not any("softmax op(s) belong to no attention" in note for note in report.notes)  # BERT's are all attention
+    head = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Softmax(dim=-1))
+    noted = analyze(head, torch.randn(2, 8), hardware="h100")
+    assert not noted.attention
+    assert any(note.startswith("1 softmax op(s) belong to no attention found here") for note in noted.notes)

@@ -12,7 +12,7 @@ from typing import Any, ContextManager
 import torch
 
 from attnkit.errors import check_arg, check_type
-from attnkit.discover.attention import AttentionSite, find_attention, op_name
+from attnkit.discover.attention import AttentionSite, find_attention, op_name, unmatched_softmax
 from attnkit.discover.capture import capture
 from attnkit.discover.decompose import DecomposedGraph, decompose_attention
 from attnkit.analyze.cost import ModeCost, estimate
@@ -127,7 +127,7 @@ def analyze(
         measured=dict(measured or {}),
         inputs=_shapes(captured.example_inputs, captured.example_kwargs),
         seconds={k: round(v, 3) for k, v in seconds.items()},
-        notes=_NOTES + tuple(probed) + _evidence_notes(sites),
+        notes=_NOTES + tuple(probed) + _evidence_notes(sites) + _unmatched_notes(graph, sites),
     )
 
 
@@ -147,6 +147,13 @@ def _evidence_notes(sites) -> tuple[str, ...]:
     if any(site.mask_evidence == "graph" for site in sites):
         return ("some masks have no values (meta tensors or too large) and no probe: their causality comes only "
                 "from is_causal flags (mask_evidence='graph').",)
+    return ()
+
+
+def _unmatched_notes(graph: torch.fx.Graph, sites) -> tuple[str, ...]:
+    if count := unmatched_softmax(graph, sites):
+        return (f"{count} softmax op(s) belong to no attention found here (block-sparse or gathered attention, or a softmax "
+                "that is not attention): they are costed as ordinary kernels, not analysed as attention.",)  # fmt: skip
     return ()
 
 

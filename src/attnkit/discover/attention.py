@@ -39,7 +39,7 @@ from attnkit.discover.capture import CapturedGraph
 from attnkit.discover.mask_values import evaluable, evaluate
 from attnkit.discover.site import SiteRecord
 
-__all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "SOFTMAX", "sdpa_arguments", "op_name"]
+__all__ = ["AttentionSite", "find_attention", "SDPA_OPS", "sdpa_arguments", "op_name", "unmatched_softmax"]
 
 SDPA_OPS = frozenset(
     {
@@ -187,6 +187,13 @@ def _cores(graph: torch.fx.Graph) -> list[_Core]:
         elif op_name(node) in SOFTMAX and (core := _chain_core(node)) is not None:
             cores.append(core)
     return cores
+
+
+def unmatched_softmax(graph: torch.fx.Graph, sites: list[AttentionSite]) -> int:
+    """How many softmax ops of ``graph`` belong to no site in ``sites``: block-sparse or gathered attention
+    that matches no pattern here, or a softmax that is not attention (a classifier's)."""
+    matched = {name for site in sites for name in site.core}
+    return sum(op_name(node) in SOFTMAX and node.name not in matched for node in graph.nodes)
 
 
 def op_name(node: Node) -> str:

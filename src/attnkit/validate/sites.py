@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnkit.discover.attention import SOFTMAX, find_attention, op_name
+from attnkit.discover.attention import find_attention, unmatched_softmax
 from attnkit.discover.capture import capture
 from attnkit.discover.runtime import AttentionCall, intercept_attention
 from attnkit.discover.site import SiteRecord
@@ -115,9 +115,9 @@ def _from_graph(model: nn.Module, example_inputs: tuple, example_kwargs: dict, n
         notes.append(f"graph capture failed, so attention written as matmul + softmax was not looked for ({' '.join(str(error).split())[:300]})")
         return []
     device, dtype = model_device(model).type, model_dtype(model)
-    found = [(site.record, "graph", site.record.spec(device=device, dtype=dtype), [_EXPLICIT] if site.form != "sdpa" else [])
-             for site in find_attention(captured)]  # fmt: skip
-    softmaxes = sum(op_name(node) in SOFTMAX for node in captured.graph_module.graph.nodes)
+    sites = find_attention(captured)
+    found = [(site.record, "graph", site.record.spec(device=device, dtype=dtype), [_EXPLICIT] if site.form != "sdpa" else []) for site in sites]
+    softmaxes = unmatched_softmax(captured.graph_module.graph, sites)
     if softmaxes and not found:
         notes.append(f"the captured graph has {softmaxes} softmax op(s) that match no attention pattern (block-sparse or gathered "
                      "attention, for instance): nothing validates them")  # fmt: skip
