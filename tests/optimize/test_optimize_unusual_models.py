@@ -91,11 +91,12 @@ def test_an_optimized_model_that_raises_is_rejected_with_the_error(monkeypatch):
     torch.testing.assert_close(returned(x), model(x))
 
 
-def test_numpy_random_streams_are_seeded_identically_for_both_models():
+@pytest.mark.parametrize("seed", [0, 2**40, -3])  # any int torch takes; NumPy's own range is 0..2**32-1
+def test_numpy_random_streams_are_seeded_identically_for_both_models(seed):
     torch.manual_seed(0)
     model, x = NumpyMasked(), _x(2, 6, 16)
     state = np.random.get_state()
-    _, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
+    _, report = optimize(model, (x,), config=OptimizeConfig(measure=False, seed=seed))
     assert report.kept and report.passed, [c for c in report.checks if not c.passed]
     assert {c.mode for c in report.checks} >= {"eval", "train"}
     assert report.fusion.groups, "the Q/K/V projections are fused, so the train check compares two different models"

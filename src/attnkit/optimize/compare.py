@@ -83,7 +83,7 @@ def _host_streams(seed: int | None):
     saved = random.getstate(), numpy.random.get_state() if numpy is not None else None
     random.seed(seed)
     if numpy is not None:
-        numpy.random.seed(seed)
+        numpy.random.seed(seed % 2**32)  # NumPy takes 0 <= seed < 2**32; torch and Python take any int
     try:
         yield
     finally:
