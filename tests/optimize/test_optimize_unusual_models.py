@@ -18,7 +18,7 @@ from attnkit.optimize import OptimizeConfig, optimize
 
 
 class InPlaceQuery(nn.Module):
-    """Self-attention whose query projection's output is written in place: scaled (as Longformer does) or item-assigned."""
+    """Self-attention whose query projection's output is written in place: scaled (as Longformer does), through a view, or item-assigned."""
 
     def __init__(self, write: str, width: int = 16):
         super().__init__()
@@ -29,6 +29,8 @@ class InPlaceQuery(nn.Module):
         q = self.query(x)
         if self.write == "div_":
             q /= 4.0
+        elif self.write == "mul_":  # into a view of the output
+            q.unflatten(-1, (2, -1)).mul_(0.25)
         else:
             q[..., :2] = 0.0
         weights = torch.softmax(q @ self.key(x).transpose(-1, -2), dim=-1)
@@ -57,7 +59,7 @@ def _x(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("write", ["div_", "__setitem__"])
+@pytest.mark.parametrize("write", ["div_", "mul_", "__setitem__"])
 @pytest.mark.parametrize("preset", ["default", "rewrite-only"])
 def test_a_projection_modified_in_place_stays_out_of_the_fused_group(preset, write):
     torch.manual_seed(0)

@@ -393,21 +393,40 @@ def _writes_in_place(name: str) -> bool:
     return name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_")
 
 
+# Ops whose result may share the watched tensor's memory: what reads (or writes into) such a view reads
+# (or writes into) the projection's output, so the view is watched too.
+_VIEWS = frozenset({
+    "view", "reshape", "transpose", "permute", "unflatten", "flatten", "view_as", "reshape_as", "split", "split_with_sizes",
+    "chunk", "unbind", "narrow", "unsqueeze", "squeeze", "movedim", "swapaxes", "swapdims", "t", "__getitem__", "expand",
+    "expand_as", "as_strided", "__get__",
+})  # fmt: skip
+
+
 class _Readers(TorchFunctionMode):
-    """Records, for each watched tensor, the names of the functions the traced model calls on it."""
+    """Records, for each watched tensor and the views taken of it, the names of the functions the traced model calls on it."""
 
     def __init__(self):
         super().__init__()
         self.watched: dict[int, set[str]] = {}
+        self._views: list = []  # keeps watched views alive, so their ids stay unique while the trace runs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
+        found = None
         if self.watched:
             for arg in (*args, *kwargs.values()):
                 names = self.watched.get(id(arg)) if isinstance(arg, torch.Tensor) else None
                 if names is not None:
-                    names.add(getattr(func, "__name__", repr(func)))
-        return func(*args, **kwargs)
+                    names.add(name)
+                    found = names
+        result = func(*args, **kwargs)
+        if found is not None and name in _VIEWS:
+            for view in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(view, torch.Tensor) and id(view) not in self.watched:
+                    self.watched[id(view)] = found
+                    self._views.append(view)
+        return result
 
 
 def _pointwise_only(members: list[_Calls]) -> str | None:
