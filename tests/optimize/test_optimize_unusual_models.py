@@ -138,3 +138,37 @@ def test_a_model_with_nothing_to_rewrite_says_its_checks_prove_nothing():
     _, report = optimize(model, (_x(2, 16),), config=OptimizeConfig(measure=False))
     assert report.rewritten == 0 and not report.fusion.groups
     assert any(note.startswith("nothing was rewritten or fused") and "compare it with itself" in note for note in report.notes)
+
+
+def test_gpt_bigcode_float_attention_dropout_is_off_in_the_deterministic_checks():
+    """GPTBigCode keeps its attention dropout as a float named ``attn_dropout`` (0.1 by default)."""
+    config = transformers.GPTBigCodeConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True)
+    torch.manual_seed(0)
+    model = transformers.GPTBigCodeForCausalLM(config).eval()
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    _, report = optimize(model, (ids,), config=OptimizeConfig(measure=False))
+    assert report.kept and report.passed, [c for c in report.checks if not c.passed]
+    assert len(report.rewrites) == 2
+
+
+@pytest.mark.parametrize("who_raises", ["both", "optimized"])
+def test_a_check_the_original_cannot_run_is_noted_not_failed(monkeypatch, who_raises):
+    """Planted: the cached-decoding check raises (MusicGen's composite config makes transformers' cache raise
+    for the original too). Raising for the original as well is a note; for the rewrite alone, a failure."""
+    import attnkit.optimize.equivalence as equivalence
+
+    def decoding_checks(original, optimized, *args, **kwargs):
+        if who_raises == "both" or optimized is not original:
+            raise ValueError("planted: no cache for this config")
+        return [], []
+
+    monkeypatch.setattr(equivalence, "decoding_checks", decoding_checks)
+    torch.manual_seed(0)
+    model, x = NumpyMasked().eval(), _x(2, 5, 16)
+    _, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
+    noted = any(n.startswith("cached decoding not checked: the original raised ValueError: planted") for n in report.notes)
+    failed = [c for c in report.checks if not c.passed]
+    if who_raises == "both":
+        assert noted and not failed and report.kept
+    else:
+        assert not noted and not report.kept and failed[0].what == "cached decoding" and "planted" in failed[0].rule
