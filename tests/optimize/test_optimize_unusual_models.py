@@ -172,3 +172,27 @@ def test_a_check_the_original_cannot_run_is_noted_not_failed(monkeypatch, who_ra
         assert noted and not failed and report.kept
     else:
         assert not noted and not report.kept and failed[0].what == "cached decoding" and "planted" in failed[0].rule
+
+
+class FusedViewBreaks(nn.Module):
+    """Projections whose output is flattened with ``view`` (a slice of a fused GEMM cannot be), then nn.MultiheadAttention."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.mha = nn.MultiheadAttention(width, 2, batch_first=True)
+
+    def forward(self, x):
+        q = self.query(x).view(-1).view_as(x)
+        mixed = torch.softmax(q @ self.key(x).transpose(-1, -2) / 4.0, dim=-1) @ self.value(x)
+        return self.mha(mixed, mixed, mixed, need_weights=False)[0]
+
+
+def test_a_fusion_that_fails_the_proof_is_dropped_and_the_other_rewrites_kept():
+    torch.manual_seed(0)
+    model, x = FusedViewBreaks().eval(), _x(2, 5, 16)
+    optimized, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
+    assert report.kept and report.passed and len(report.rewrites) == 1  # the nn.MultiheadAttention
+    assert report.notes[0].startswith("with its projections fused the rewrite failed the proof") and "kept without the fusion" in report.notes[0]
+    assert not any(isinstance(m, fuse.FusedLinear) for m in optimized.modules())
+    torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-6)
