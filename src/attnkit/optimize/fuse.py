@@ -374,13 +374,15 @@ def _candidates(model: nn.Module, module_filter_fn) -> dict[str, tuple[nn.Module
     return found
 
 
-# What may read a projection's output directly for its group to be fused: splitting it into heads
-# (views) or multiplying it (matmul, attention); and reads of its metadata.
-_HEAD_READERS = frozenset({
+# Ops that split a projection's output into heads: views of it (or, for reshape, maybe a copy).
+_HEAD_SPLITS = frozenset({
     "view", "reshape", "transpose", "permute", "unflatten", "flatten", "view_as", "reshape_as", "split",
     "split_with_sizes", "chunk", "unbind", "narrow", "unsqueeze", "squeeze", "movedim", "swapaxes", "swapdims",
-    "t", "__getitem__", "matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
+    "t", "__getitem__",
 })  # fmt: skip
+# What may read a projection's output directly for its group to be fused: splitting it into heads
+# or multiplying it (matmul, attention); and reads of its metadata.
+_HEAD_READERS = _HEAD_SPLITS | {"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
 _METADATA = frozenset({"__get__", "size", "dim", "stride", "numel", "is_contiguous", "data_ptr", "element_size", "__len__"})
 _IN_PLACE_OPERATORS = frozenset({
     "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
@@ -394,12 +396,8 @@ def _writes_in_place(name: str) -> bool:
 
 
 # Ops whose result may share the watched tensor's memory: what reads (or writes into) such a view reads
-# (or writes into) the projection's output, so the view is watched too.
-_VIEWS = frozenset({
-    "view", "reshape", "transpose", "permute", "unflatten", "flatten", "view_as", "reshape_as", "split", "split_with_sizes",
-    "chunk", "unbind", "narrow", "unsqueeze", "squeeze", "movedim", "swapaxes", "swapdims", "t", "__getitem__", "expand",
-    "expand_as", "as_strided", "__get__",
-})  # fmt: skip
+# (or writes into) the projection's output, so the view is watched too (``__get__``: ``.T``, ``.data``).
+_VIEWS = _HEAD_SPLITS | {"expand", "expand_as", "as_strided", "__get__"}
 
 
 class _Readers(TorchFunctionMode):
