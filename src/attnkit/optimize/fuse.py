@@ -105,13 +105,18 @@ class FusionPlan:
 # -- the fused modules -------------------------------------------------------------------------
 
 
-@dataclass
 class _Pending:
-    """Column slices of one fused GEMM not yet handed to their members."""
+    """Column slices of one fused GEMM not yet handed to their members (a plain class with slots: it is
+    built at every fused GEMM of a forward, and a dataclass's ``__init__`` costs more host time)."""
 
-    source: weakref.ref
-    key: tuple
-    slices: dict[int, torch.Tensor] = field(default_factory=dict)
+    __slots__ = ("source", "key", "slices", "left")
+
+    def __init__(self, source: weakref.ref, key: tuple, slices: list, left: int):
+        self.source, self.key = source, key
+        self.slices = slices
+        """Per member index: its slice, or None once handed out (or for the member that computed it)."""
+        self.left = left
+        """Slices not yet handed out."""
 
 
 class FusedLinear(nn.Module):
@@ -134,6 +139,8 @@ class FusedLinear(nn.Module):
         self.starts = tuple(starts)
         self.layout = tuple(order)
         """Member indices in the order of their columns in the fused output."""
+        self.positions = tuple(order.index(i) for i in range(len(names)))
+        """Per member index: its position in ``layout``."""
         self.split_widths = tuple(widths[i] for i in order)
         self.out_features = offset
         self.bias_width = sum(w for w, b in zip(widths, has_bias) if b)
@@ -175,13 +182,14 @@ class FusedLinear(nn.Module):
 
     def full_bias(self) -> torch.Tensor | None:
         """The bias over the whole fused output (zeros for members without one)."""
-        if self.bias is None or self.bias_width == self.out_features:
-            return self.bias
-        return torch.cat([self.bias, self._zero_bias])
+        bias = self.__dict__["_parameters"]["bias"]  # not nn.Module.__getattr__'s lookup chain: a host-bound forward calls this per group
+        if bias is None or self.bias_width == self.out_features:
+            return bias
+        return torch.cat([bias, self._zero_bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in) -> (..., sum(out_i))`` in the fused layout."""
-        return F.linear(x, self.weight, self.full_bias())
+        return F.linear(x, self.__dict__["_parameters"]["weight"], self.full_bias())
 
     def member_weight(self, index: int) -> torch.Tensor:
         return self.weight.narrow(0, self.starts[index], self.widths[index])
@@ -206,20 +214,28 @@ class FusedLinear(nn.Module):
             self._traced = (x, full, mode, len(self.names) - 1) if len(self.names) > 1 else None
             return full.narrow(-1, start, width)
         key = self._key(x)
-        pending = self._pending
+        pending = self.__dict__["_pending"]
         if pending is not None and pending.key == key and pending.source() is x:
-            out = pending.slices.pop(index, None)
+            out = pending.slices[index]
             if out is not None:
-                if not pending.slices:
+                pending.slices[index] = None
+                pending.left -= 1
+                if not pending.left:
                     self.__dict__["_pending"] = None
                 return out
             # Called twice with the same input: compute this member alone, keep the siblings' slices.
             return F.linear(x, self.member_weight(index), self.member_bias(index))
         # One split, not a narrow per member: its backward is one cat of the members' gradients, where
         # narrows would each zero-fill a gradient of the whole fused output and add them up.
-        parts = dict(zip(self.layout, torch.split(self.forward(x), self.split_widths, dim=-1)))
-        out = parts.pop(index)
-        self.__dict__["_pending"] = _Pending(weakref.ref(x), key, parts) if parts else None
+        # (Tensor.split_with_sizes: the C method, without torch.split's two Python layers.)
+        parts = self.forward(x).split_with_sizes(self.split_widths, -1)
+        slices = [parts[position] for position in self.positions]  # member order
+        out = slices[index]
+        if len(slices) > 1:
+            slices[index] = None
+            self.__dict__["_pending"] = _Pending(weakref.ref(x), key, slices, len(slices) - 1)
+        else:
+            self.__dict__["_pending"] = None
         return out
 
     def _key(self, x: torch.Tensor) -> tuple:

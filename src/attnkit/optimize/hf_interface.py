@@ -69,6 +69,7 @@ _REFUSED = {
     "output_attentions": "output_attentions=True (weights requested)",
 }
 _HALF = (torch.float16, torch.bfloat16)
+_is_compiling = torch.compiler.is_compiling
 _BACKEND_ATTRIBUTE = "_attnkit_backend"
 """Per attention module: ``"auto"``, a forced ``attnkit.ops`` backend, or None (module_filter_fn said no)."""
 
@@ -122,46 +123,42 @@ def record_calls() -> Iterator[list[InterfaceCall]]:
         _RECORDING.reset(token)
 
 
-def _forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    position_bias: torch.Tensor | None = None,
-    *,
-    implementation: str,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function contract: q ``(B, Hq, Sq, D)``, k/v ``(B, Hkv, Skv, D)``
-    -> ``(out (B, Sq, Hq, Dv), None)``; see ``transformers.integrations.sdpa_attention``."""
-    backend = backend_of(module)
-    reason = _cannot_run(module, query, key, attention_mask, backend, kwargs)
-    if reason is not None:
-        return _fallback(module, implementation, reason, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, kwargs)
+def _attention_function(implementation: str) -> Callable:
+    """The function registered as ``implementation``: transformers' attention-function contract, q
+    ``(B, Hq, Sq, D)``, k/v ``(B, Hkv, Skv, D)`` -> ``(out (B, Sq, Hq, Dv), None)`` (see
+    ``transformers.integrations.sdpa_attention``). A closure rather than a ``functools.partial``, and
+    the common call (no mask, no keywords, not recording) decided in a few reads: a host-bound model
+    (BERT-128) issues it once per layer, and every microsecond here is one its forward waits for."""
 
-    q_length = query.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(q_length > 1 and attention_mask is None and is_causal)
-    if is_causal and key.shape[2] > q_length:
-        # Prefill with an empty static cache: SDPA's top-left causal mask ignores the empty slots.
-        key, value = key[:, :, :q_length], value[:, :, :q_length]
-        position_bias = None if position_bias is None else position_bias[..., :q_length]
-    mask = _prepared_mask(attention_mask, query.dtype)
-    if position_bias is not None:
-        mask = _with_bias(mask, position_bias, key.dtype)
-    if not torch.compiler.is_compiling() and _RECORDING.get() is not None:
-        _record(module, query, key, value, mask, is_causal, scaling, dropout, backend)
-    if mask is not None and mask.requires_grad and query.dtype in _HALF and query.device.type == "cpu" and torch.is_grad_enabled():
-        # A learned bias (T5 training) needs a kernel that backpropagates into the mask: on CPU an
-        # explicit softmax, which PyTorch's SDPA math kernel runs in fp32 for half inputs; so do we.
-        out = attention(query.float(), key.float(), value.float(), mask=mask.float(), causal=is_causal, scale=scaling, dropout_p=float(dropout), backend=backend)
-        return out.to(query.dtype).transpose(1, 2).contiguous(), None
-    out = attention(query, key, value, mask=mask, causal=is_causal, scale=scaling, dropout_p=float(dropout), backend=backend)
-    return out.transpose(1, 2).contiguous(), None
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, position_bias=None, **kwargs):
+        backend = backend_of(module)
+        reason = _cannot_run(query, key, attention_mask, backend, kwargs)
+        if reason is not None:
+            return _fallback(module, implementation, reason, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, kwargs)
+        q_length = query.shape[2]
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        is_causal = bool(is_causal) and q_length > 1 and attention_mask is None
+        if is_causal and key.shape[2] > q_length:
+            # Prefill with an empty static cache: SDPA's top-left causal mask ignores the empty slots.
+            key, value = key[:, :, :q_length], value[:, :, :q_length]
+            position_bias = None if position_bias is None else position_bias[..., :q_length]
+        mask = None if attention_mask is None else _prepared_mask(attention_mask, query.dtype)
+        if position_bias is not None:
+            mask = _with_bias(mask, position_bias, key.dtype)
+        if not _is_compiling() and _RECORDING.get() is not None:
+            _record(module, query, key, value, mask, is_causal, scaling, dropout, backend)
+        if mask is not None and mask.requires_grad and query.dtype in _HALF and query.device.type == "cpu" and torch.is_grad_enabled():
+            # A learned bias (T5 training) needs a kernel that backpropagates into the mask: on CPU an
+            # explicit softmax, which PyTorch's SDPA math kernel runs in fp32 for half inputs; so do we.
+            out = attention(query.float(), key.float(), value.float(), mask=mask.float(), causal=is_causal, scale=scaling, dropout_p=float(dropout), backend=backend)
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None
+        dropout = dropout if type(dropout) is float else float(dropout)
+        out = attention(query, key, value, mask=mask, causal=is_causal, scale=scaling, dropout_p=dropout, backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    forward.__name__ = forward.__qualname__ = f"{implementation}_attention_forward"
+    return forward
 
 
 _PREPARED = WeakIdKeyDictionary()  # transformers' mask of one forward -> (dtype, version, the mask to run or None)
@@ -175,7 +172,7 @@ def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
-def _prepared_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def _prepared_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """The call's mask in the query dtype, or None when it permits every score (bool all True, additive
     all 0: dropping it is exact, and the unmasked kernels are up to 2x faster).
 
@@ -185,8 +182,8 @@ def _prepared_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     this object is transformers' own, made for this forward). A mask that changes in place between
     calls is seen through its version counter where it has one. Not while compiling (no sync in a graph).
     """
-    if mask is None or torch.compiler.is_compiling() or mask.requires_grad or mask.numel() == 0:
-        return None if mask is None else _in_dtype(mask, dtype)
+    if _is_compiling() or mask.requires_grad or mask.numel() == 0:
+        return _in_dtype(mask, dtype)
     version = None if mask.is_inference() else mask._version
     entry = _PREPARED.get(mask)
     if entry is None or entry[:2] != (dtype, version):
@@ -196,7 +193,7 @@ def _prepared_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return entry[2]
 
 
-def _cannot_run(module, query, key, mask, backend, kwargs) -> str | None:
+def _cannot_run(query, key, mask, backend, kwargs) -> str | None:
     """Why attnkit must not run this call (None when it can, exactly)."""
     if backend is None:
         return "module_filter_fn returned False"
@@ -204,9 +201,10 @@ def _cannot_run(module, query, key, mask, backend, kwargs) -> str | None:
         if value is None or value is False or name in _IGNORED:
             continue
         return f"{_REFUSED.get(name, f'keyword {name!r}')} is not supported by attnkit.ops"
-    if query.shape[0] != key.shape[0]:
-        return f"query batch {query.shape[0]} broadcast against key batch {key.shape[0]}"
-    if 0 in query.shape or 0 in key.shape:
+    q_shape, k_shape = query.shape, key.shape
+    if q_shape[0] != k_shape[0]:
+        return f"query batch {q_shape[0]} broadcast against key batch {k_shape[0]}"
+    if 0 in q_shape or 0 in k_shape:
         return "empty tensor"
     if mask is not None and not isinstance(mask, torch.Tensor):
         return f"mask of type {type(mask).__name__}"
@@ -231,7 +229,7 @@ def _fallback(module, implementation, reason, query, key, value, attention_mask,
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         name, function = "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if not torch.compiler.is_compiling() and _RECORDING.get() is not None:
+    if not _is_compiling() and _RECORDING.get() is not None:
         site = SiteRecord.of_call("", query, key, value, mask=attention_mask, causal=bool(is_causal), scale=scaling, dropout_p=dropout)
         _RECORDING.get().append(InterfaceCall(module, name, name, reason, {}, site, query.dtype))
     extra = dict(kwargs)
@@ -259,9 +257,9 @@ def _record(module, query, key, value, mask, causal, scaling, dropout, backend) 
     _RECORDING.get().append(InterfaceCall(module, "attnkit", chosen, why, rejected, site, query.dtype))
 
 
-attnkit_attention_forward = functools.partial(_forward, implementation=ATTNKIT)
+attnkit_attention_forward = _attention_function(ATTNKIT)
 """The function registered as ``"attnkit"`` (SDPA-form masks, falls back to ``sdpa``)."""
-_attnkit_eager_masks_forward = functools.partial(_forward, implementation=ATTNKIT_EAGER_MASKS)
+_attnkit_eager_masks_forward = _attention_function(ATTNKIT_EAGER_MASKS)
 
 
 def register() -> None:
