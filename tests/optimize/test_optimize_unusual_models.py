@@ -175,22 +175,59 @@ def test_a_check_the_original_cannot_run_is_noted_not_failed(monkeypatch, who_ra
 
 
 class FusedViewBreaks(nn.Module):
-    """Projections whose output is flattened with ``view`` (a slice of a fused GEMM cannot be), then nn.MultiheadAttention."""
+    """Projections, one of whose outputs is merged with its rows by ``view`` (after ``unflatten``: the
+    stand-in must follow the chain), which a column slice of a fused GEMM cannot give; then nn.MultiheadAttention."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, merge: bool = True):
         super().__init__()
+        self.merge = merge
         self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
         self.mha = nn.MultiheadAttention(width, 2, batch_first=True)
 
     def forward(self, x):
-        q = self.query(x).view(-1).view_as(x)
+        q = self.query(x)
+        if self.merge:
+            q = q.unflatten(-1, (2, -1)).view(x.shape[0], -1).view_as(x)
         mixed = torch.softmax(q @ self.key(x).transpose(-1, -2) / 4.0, dim=-1) @ self.value(x)
         return self.mha(mixed, mixed, mixed, need_weights=False)[0]
 
 
-def test_a_fusion_that_fails_the_proof_is_dropped_and_the_other_rewrites_kept():
+def test_a_projection_viewed_in_a_layout_a_fused_slice_cannot_give_stays_out_of_the_fusion():
+    """SpeechT5's postnet views ``feat_out(h)`` as ``(B, -1, mel_bins)``: planned out of the fusion, not failed in the proof."""
     torch.manual_seed(0)
     model, x = FusedViewBreaks().eval(), _x(2, 5, 16)
+    plan = fuse.plan_fusion(model, (x,))
+    assert [g.members for g in plan.groups] == [("key", "value")]
+    assert [r.members for r in plan.refused] == [("query",)] and "view() of its output needs a layout a column slice of a fused output does not have" in plan.refused[0].reason
+    optimized, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
+    assert report.kept and report.passed and len(report.rewrites) == 1 and not report.notes
+    torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class StridedRead(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):  # reads a's output through its own (contiguous) strides: on a fused slice, b's columns
+        return self.a(x).as_strided((x.shape[0], 4), (x.shape[-1], 1)) @ self.b(x)[:, :4].T
+
+
+def test_as_strided_on_a_projection_output_keeps_it_out_of_the_fusion():
+    plan = fuse.plan_fusion(StridedRead(), (_x(3, 8),))
+    assert not plan.groups and "as_strided" in plan.refused[0].reason
+
+
+def test_a_fusion_that_fails_the_proof_is_dropped_and_the_other_rewrites_kept(monkeypatch):
+    """A planted fault the plan cannot foresee: the fused GEMM raises. The proof fails, and optimize proves and keeps
+    the nn.MultiheadAttention rewrite without the fusion."""
+
+    def broken(self, x):
+        raise RuntimeError("planted: the fused GEMM cannot run")
+
+    monkeypatch.setattr(fuse.FusedLinear, "forward", broken)
+    torch.manual_seed(0)
+    model, x = FusedViewBreaks(merge=False).eval(), _x(2, 5, 16)
     optimized, report = optimize(model, (x,), config=OptimizeConfig(measure=False))
     assert report.kept and report.passed and len(report.rewrites) == 1  # the nn.MultiheadAttention
     assert report.notes[0].startswith("with its projections fused the rewrite failed the proof") and "kept without the fusion" in report.notes[0]

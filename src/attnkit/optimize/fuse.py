@@ -372,6 +372,8 @@ class _Calls:
     outputs: list[torch.Tensor] = field(default_factory=list)
     consumers: set[str] = field(default_factory=set)
     """Names of the torch functions and tensor methods that read an output directly."""
+    layout_refusal: str | None = None
+    """Why a column slice of a fused output could not stand in for this output (a view it cannot give)."""
 
     def signature(self) -> tuple:
         return tuple((id(x), v) for x, v in zip(self.inputs, self.versions))
@@ -417,12 +419,27 @@ _VIEWS = _HEAD_SPLITS | {"expand", "expand_as", "as_strided", "__get__"}
 
 
 class _Readers(TorchFunctionMode):
-    """Records, for each watched tensor and the views taken of it, the names of the functions the traced model calls on it."""
+    """Records, for each watched projection output and the views taken of it, the names of the functions the
+    traced model calls on it; and replays every view on a stand-in with a fused slice's layout.
+
+    A fused member's output is a column slice of a wider GEMM output (its rows ``sum(out_i)`` apart, not
+    ``out_i``), so a view that merges the feature dimension with the rows (SpeechT5's postnet:
+    ``feat_out(h).view(B, -1, mel_bins)``) works on the original and raises on the slice. The stand-in is a
+    meta tensor (no memory) sliced from one column wider; the same view on it raises exactly where the fused
+    model's would. ``as_strided`` on a tensor whose stand-in has other strides reads other memory without raising,
+    so it refuses too (Longformer's, on a reshaped copy, does not).
+    """
 
     def __init__(self):
         super().__init__()
-        self.watched: dict[int, set[str]] = {}
+        self.watched: dict[int, tuple[_Calls, torch.Tensor | None]] = {}  # id -> (the projection's record, its fused-layout stand-in or None)
         self._views: list = []  # keeps watched views alive, so their ids stay unique while the trace runs
+
+    def watch(self, output: torch.Tensor, entry: _Calls) -> None:
+        """Watch one projection output (``(..., out)``)."""
+        width = output.shape[-1] if output.dim() else 0
+        wide = torch.empty(*output.shape[:-1], width + 1, dtype=output.dtype, device="meta")
+        self.watched[id(output)] = (entry, wide[..., :width] if output.dim() else wide[0])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -430,17 +447,70 @@ class _Readers(TorchFunctionMode):
         found = None
         if self.watched:
             for arg in (*args, *kwargs.values()):
-                names = self.watched.get(id(arg)) if isinstance(arg, torch.Tensor) else None
-                if names is not None:
-                    names.add(name)
-                    found = names
+                watched = self.watched.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+                if watched is not None:
+                    watched[0].consumers.add(name)
+                    found = watched
         result = func(*args, **kwargs)
+        if found is not None and name == "as_strided" and found[0].layout_refusal is None and self._moved(args[0]):
+            found[0].layout_refusal = "its output is read with as_strided(), whose strides assume its own layout, not a slice of a fused output"
         if found is not None and name in _VIEWS:
-            for view in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(view, torch.Tensor) and id(view) not in self.watched:
-                    self.watched[id(view)] = found
-                    self._views.append(view)
+            self._follow(func, name, args, kwargs, result, found[0])
         return result
+
+    def _follow(self, func, name: str, args: tuple, kwargs: dict, result, entry: _Calls) -> None:
+        """Watch the views ``func`` made of a watched tensor, each with its stand-in's view (None where the
+        stand-in could not follow, e.g. a data-dependent index on meta: later views there go unchecked)."""
+        try:
+            shadow = func(*(self._stand_in(a) for a in args), **{k: self._stand_in(v) for k, v in kwargs.items()})
+        except _NoStandIn:
+            shadow = None
+        except (RuntimeError, NotImplementedError) as error:
+            if name in _LAYOUT_SENSITIVE and self._contiguous_gives(func, args, kwargs):  # only the strides differ
+                if entry.layout_refusal is None:
+                    entry.layout_refusal = f"{name}() of its output needs a layout a column slice of a fused output does not have ({str(error).splitlines()[0][:120]})"
+                return
+            shadow = None  # meta cannot replay this call (e.g. a size read with .item()): views of it go unchecked
+        views = result if isinstance(result, (tuple, list)) else (result,)
+        shadows = shadow if isinstance(shadow, (tuple, list)) else (shadow,) * len(views)
+        for view, stand_in in zip(views, shadows):
+            if isinstance(view, torch.Tensor) and id(view) not in self.watched:
+                self.watched[id(view)] = (entry, stand_in if isinstance(stand_in, torch.Tensor) else None)
+                self._views.append(view)
+
+    def _moved(self, tensor) -> bool:
+        """Whether a watched tensor would have other strides (or offset) in the fused model (unknown: no)."""
+        stand_in = self.watched[id(tensor)][1] if isinstance(tensor, torch.Tensor) and id(tensor) in self.watched else None
+        return stand_in is not None and (stand_in.stride(), stand_in.storage_offset()) != (tensor.stride(), tensor.storage_offset())
+
+    def _contiguous_gives(self, func, args: tuple, kwargs: dict) -> bool:
+        """Whether the call succeeds on meta with every watched tensor contiguous (so its failure on the
+        stand-ins comes from their strides, not from meta)."""
+        plain = lambda a: torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a  # noqa: E731
+        try:
+            func(*(plain(a) for a in args), **{k: plain(v) for k, v in kwargs.items()})
+        except (RuntimeError, NotImplementedError):
+            return False
+        return True
+
+    def _stand_in(self, value):
+        """A call argument for the replay: a watched tensor's stand-in, any other tensor on meta."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in self.watched:
+            stand_in = self.watched[id(value)][1]
+            if stand_in is None:
+                raise _NoStandIn
+            return stand_in
+        return value.to("meta")
+
+
+class _NoStandIn(Exception):
+    """A watched tensor whose fused-layout stand-in could not be followed."""
+
+
+# The views whose success depends on the strides (a column slice has other strides, same shape): view and view_as.
+_LAYOUT_SENSITIVE = frozenset({"view", "view_as"})
 
 
 def _pointwise_only(members: list[_Calls]) -> str | None:
@@ -467,7 +537,8 @@ def _trace(model: nn.Module, candidates: dict, args: tuple, kwargs: dict) -> dic
     def watch(module, inputs, output):
         entry = calls[id(module)]
         entry.outputs.append(output)  # kept alive: its id stays unique while the trace runs
-        readers.watched[id(output)] = entry.consumers
+        if isinstance(output, torch.Tensor):
+            readers.watch(output, entry)
 
     for _, linears in candidates.values():
         for linear in linears.values():
@@ -498,6 +569,8 @@ def _member_refusal(linear: nn.Linear, calls: _Calls, shared: set[int]) -> str |
         return "called with something other than a tensor"
     if linear.weight.is_meta:
         return "weights on the meta device"
+    if calls.layout_refusal is not None:
+        return calls.layout_refusal
     if written := sorted(name for name in calls.consumers if _writes_in_place(name)):
         # A fused member's output is one of several views of the fused GEMM's output, which autograd
         # forbids modifying in place (Longformer's `query /= sqrt(d)`).
