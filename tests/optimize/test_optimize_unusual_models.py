@@ -14,7 +14,7 @@ import transformers
 from torch import nn
 
 import attnkit.optimize.fuse as fuse
-from attnkit.optimize import OptimizeConfig, optimize
+from attnkit.optimize import OptimizeConfig, hf_interface, optimize
 
 
 class InPlaceQuery(nn.Module):
@@ -149,6 +149,31 @@ def test_gpt_bigcode_float_attention_dropout_is_off_in_the_deterministic_checks(
     _, report = optimize(model, (ids,), config=OptimizeConfig(measure=False))
     assert report.kept and report.passed, [c for c in report.checks if not c.passed]
     assert len(report.rewrites) == 2
+
+
+def _gpt2_upcast_eager():
+    """GPT-2 whose eager path (``reorder_and_upcast_attn``) applies attention dropout by calling its ``nn.Dropout``;
+    on attnkit the same probability goes into the attention call."""
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, reorder_and_upcast_attn=True,
+                                     scale_attn_by_inverse_layer_idx=True, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval(), torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_attention_dropout_applied_by_hand_in_the_original_is_kept_on():
+    model, ids = _gpt2_upcast_eager()
+    _, report = optimize(model, (ids,), config=OptimizeConfig(measure=False))
+    assert report.kept and report.passed, [c for c in report.checks if not c.passed]
+    assert [c.what for c in report.checks].count("dropout") == 1
+
+
+def test_attention_dropout_dropped_by_the_rewrite_is_still_caught_when_the_original_applies_it_by_hand(monkeypatch):
+    real = hf_interface.attention
+    monkeypatch.setattr(hf_interface, "attention", lambda q, k, v, **options: real(q, k, v, **{**options, "dropout_p": 0.0}))
+    model, ids = _gpt2_upcast_eager()
+    returned, report = optimize(model, (ids,), config=OptimizeConfig(measure=False))
+    assert [(c.what, c.passed) for c in report.checks if c.what == "dropout"] == [("dropout", False)]
+    assert not report.kept and returned is model
 
 
 @pytest.mark.parametrize("who_raises", ["both", "optimized"])
