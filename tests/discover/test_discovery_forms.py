@@ -1,6 +1,7 @@
 """find_attention() on attention spelled the ways real models spell it: Gemma 2's soft-capped logits,
 BLOOM's ALiBi ``baddbmm`` with a head view before the softmax, Falcon's fused ``x @ W.T`` Q/K/V split by
-views and slices with K/V broadcast to the query heads before RoPE, ``torch.einsum``; and what is not attention."""
+views and slices with K/V broadcast to the query heads before RoPE, ``torch.einsum``, Swin v2's cosine
+attention with a learned per-head scale, SpeechT5's bias added in place; and what is not attention."""
 
 import math
 
@@ -63,6 +64,48 @@ class _Einsum(_Heads):
         return self.merge(torch.einsum("bhqk,bhkd->bhqd", probs, v))
 
 
+class _Cosine(_Heads):
+    """Swin v2's cosine attention: normalized Q and K, scores times a learned per-head ``exp(logit_scale)``,
+    plus a per-head position bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.log(10 * torch.ones(_H, 1, 1)))
+        self.bias = torch.nn.Parameter(torch.randn(_H, _S, _S))
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        return self.merge((scores + self.bias).softmax(-1) @ v)
+
+
+class _InPlaceBias(torch.nn.Module):
+    """SpeechT5's encoder: separate projections, (B*H, S, D) heads, a relative-position bias from another GEMM
+    added in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(_WIDTH, _WIDTH) for _ in range(4))
+        self.positions = torch.nn.Parameter(torch.randn(_S, _S, _D))
+
+    def forward(self, x):
+        q, k, v = (p(x).view(_B, _S, _H, _D).transpose(1, 2).reshape(_B * _H, _S, _D) for p in (self.q, self.k, self.v))
+        scores = torch.bmm(q, k.transpose(1, 2))
+        scores += torch.matmul(q.transpose(0, 1), self.positions.transpose(-2, -1)).transpose(0, 1)
+        out = torch.bmm(scores.softmax(-1), v).view(_B, _H, _S, _D)
+        return self.out(out.transpose(1, 2).reshape(_B, _S, _WIDTH))
+
+
+class _ScoresTimesScores(_Heads):
+    """Scores multiplied by a tensor of their own shape: not a learned scale (and not attention this finds)."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = q @ k.transpose(-2, -1)
+        return self.merge((scores * torch.sigmoid(scores.detach())).softmax(-1) @ v)
+
+
 class _NotAttention(torch.nn.Module):
     """A softmax between two einsums that are not (rows, inner) x (inner, cols) products: a mixture gate."""
 
@@ -110,6 +153,30 @@ def test_tanh_without_a_cap_is_no_soft_cap():
 
     site = _one_site(_Tanh(), torch.randn(_B, _S, _WIDTH))
     assert site.softcap == 1.0 and site.scale == 1.0
+
+
+def test_cosine_attention_with_a_learned_per_head_scale_is_found():
+    site = _one_site(_Cosine(), torch.randn(_B, _S, _WIDTH))
+    assert (site.form, site.kind, site.mask, site.qkv_layout) == ("matmul-softmax", "self", "additive", "packed")
+    assert len(site.scale_nodes) == 1 and site.scale == 1.0 and "learned scale" in repr(site)
+    assert all(site.projections[key] is not None for key in ("q", "k", "v", "out"))
+    assert find_attention(capture(_ScoresTimesScores(), (torch.randn(_B, _S, _WIDTH),))) == []
+
+
+def test_a_bias_added_in_place_is_a_mask():
+    site = _one_site(_InPlaceBias(), torch.randn(_B, _S, _WIDTH))
+    assert (site.form, site.kind, site.mask, site.qkv_layout) == ("matmul-softmax", "self", "additive", "separate")
+    assert (site.batch, site.num_heads, site.seq_q, site.seq_kv) == (_B, _H, _S, _S) and len(site.mask_nodes) == 1
+
+
+def test_transformers_swinv2_window_attention():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Swinv2Config(image_size=32, patch_size=2, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4)
+    model = transformers.Swinv2Model(config).eval()
+    sites = find_attention(capture(model, (torch.randn(1, 3, 32, 32),)))
+    assert [(s.kind, s.batch, s.num_heads, s.seq_q, s.mask, s.qkv_layout) for s in sites] == [
+        ("self", 16, 2, 16, "additive", "separate"), ("self", 4, 4, 16, "additive", "separate")]
+    assert all(s.scale_nodes for s in sites)
 
 
 def _tiny(config_cls, model_cls, attn="eager", **fields):

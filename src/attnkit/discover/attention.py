@@ -8,7 +8,8 @@ torch.export (checked on 2.13) lowers to one of the other two (named after the m
 ``nn_module_stack``). In a chain the GEMMs may be ``matmul``/``bmm``, ``baddbmm`` (its added input
 is a bias such as ALiBi, BLOOM) or a batched-matmul ``einsum`` (export keeps ``aten.einsum``);
 head reshapes (``view``) may sit between them and the softmax; soft-capping is Gemma 2's
-``cap * tanh(scores / cap)``.
+``cap * tanh(scores / cap)``; the scores may be multiplied by a learned per-head factor (Swin v2's
+cosine attention) and a bias may be added in place (SpeechT5's ``scores += rel_pos_bias``).
 
 Projections are the nearest GEMMs with a weight parameter above Q, K, V and after the output (the
 weight may be transposed in the graph: Falcon's ``x @ W.T``); Q and K from one GEMM, or from GEMMs
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -114,6 +115,9 @@ class AttentionSite:
     ``kv-packed``/``separate-kv``: K and V from one GEMM / two GEMMs (cross attention)."""
     softcap: float = 0.0
     """Logit soft-capping ``scores = softcap * tanh(scores / softcap)`` before the mask (Gemma 2); 0 if none."""
+    scale_nodes: tuple[str, ...] = ()
+    """Nodes of learned factors the scores are multiplied by, one value per batch or head (Swin v2's
+    cosine attention: ``exp(logit_scale)``); ``scale`` is then the constant part."""
     mask_evidence: MaskEvidence = "values"
     """What ``causal`` and ``mask`` were read from: ``"flag"`` (no mask; the ``is_causal`` flag),
     ``"values"`` (the masks' values on the example inputs), ``"probe"`` (their values on the probe
@@ -125,7 +129,7 @@ class AttentionSite:
         return (
             f"AttentionSite({self.name or '<root>'}: {self.kind}{', causal' if self.causal else ''}, "
             f"B={self.batch} H={heads} Sq={self.seq_q} Skv={self.seq_kv} D={self.head_dim_qk}, "
-            f"mask={self.mask}, qkv={self.qkv_layout}, {self.form})"
+            f"mask={self.mask}{', learned scale' if self.scale_nodes else ''}, qkv={self.qkv_layout}, {self.form})"
         )
 
     @property
@@ -230,6 +234,7 @@ class _Core:
     dropout_p: float
     softcap: float = 0.0
     heads: int | None = None  # from a (B, H, Sq, Skv) view of the scores when Q is (B*H, S, D)
+    factors: list[Node] = field(default_factory=list)  # learned tensors multiplying the scores
 
 
 def _sdpa_core(node: Node) -> _Core:
@@ -260,7 +265,7 @@ def _chain_core(softmax: Node) -> _Core | None:
     scores = _trace_scores(softmax.args[0], ops)
     if scores is None:
         return None
-    qk, masks, scale, softcap = scores
+    qk, masks, scale, softcap, factors = scores
     if softcap:  # scale was traced up to the tanh, which divides by the cap: cap * tanh(qk * scale / cap)
         scale = (scale or 1.0) * softcap
     q, k = _gemm_operands(qk)
@@ -276,7 +281,7 @@ def _chain_core(softmax: Node) -> _Core | None:
     ops += [qk, pv]
     heads = next((_val_shape(n)[-3] for n in ops if op_name(n) in _HEAD_VIEWS and len(_val_shape(n)) >= 4), None)
     return _Core(softmax, "matmul-softmax", q, k, _gemm_operands(pv)[1], ops, pv, masks, False, scale or 1.0,
-                 dropout_p, softcap or 0.0, heads)
+                 dropout_p, softcap or 0.0, heads, factors)
 
 
 def _val_shape(node: Node) -> tuple[int, ...]:
@@ -325,20 +330,20 @@ _SCALE = {"mul", "div", "mul_", "div_"}  # by a number; in place in Falcon's eag
 
 
 def _trace_scores(node: Node, ops: list[Node]):
-    """Walk back from the softmax input to the QK^T GEMM: returns (qk, masks, scale, softcap) or None.
+    """Walk back from the softmax input to the QK^T GEMM: returns (qk, masks, scale, softcap, factors) or None.
 
     ``scale`` multiplies the scores before a soft-capping ``tanh`` (if any); ``softcap`` is the factor
-    after it (None without a tanh). ``ops`` receives the scale/cap/mask/cast/view nodes passed on the way
-    (only when the walk succeeds).
+    after it (None without a tanh); ``factors`` are learned tensors the scores are multiplied or divided
+    by. ``ops`` receives the scale/cap/mask/cast/view nodes passed on the way (only when the walk succeeds).
     """
     name = op_name(node)
     if name in _GEMM_2D:
-        return (node, [], None, None) if _is_batched_matmul(node) else None
+        return (node, [], None, None, []) if _is_batched_matmul(node) else None
     args = node.args
     if (name in _SCORE_PASS or name in _HEAD_VIEWS or name == "tanh"
             or (name in _SCALE and isinstance(args[1], (int, float)))):
         step, mask = args[0], None
-    elif name == "add" and all(isinstance(arg, Node) for arg in args[:2]):
+    elif name in ("add", "add_") and all(isinstance(arg, Node) for arg in args[:2]):  # add_: SpeechT5's ``scores += rel_pos_bias``
         step = next((arg for arg in args[:2] if _trace_scores(arg, []) is not None), None)
         mask = (args[1] if step is args[0] else args[0], "add")
     elif name == "where" and isinstance(args[0], Node):
@@ -346,15 +351,19 @@ def _trace_scores(node: Node, ops: list[Node]):
         mask = (args[0], "keep" if step is args[1] else "drop")
     elif name == "masked_fill":
         step, mask = args[0], (args[1], "drop")
+    elif name in ("mul", "div") and (factor := _learned_factor(args, commutes=name == "mul")) is not None:
+        step, mask = args[0] if factor is args[1] else args[1], None
     else:
         return None
     found = None if step is None else _trace_scores(step, ops)
     if found is None:
         return None
-    qk, masks, scale, softcap = found
+    qk, masks, scale, softcap, factors = found
+    if name in ("mul", "div") and not isinstance(args[1], (int, float)):
+        factors.append(factor)
     if name == "tanh":
         softcap = 1.0
-    elif name in _SCALE:
+    elif name in _SCALE and isinstance(args[1], (int, float)):
         factor = args[1] if name.startswith("mul") else 1.0 / args[1]
         if softcap is None:
             scale = (scale or 1.0) * factor
@@ -363,7 +372,22 @@ def _trace_scores(node: Node, ops: list[Node]):
     if mask is not None:
         masks.append(mask)
     ops.append(node)
-    return qk, masks, scale, softcap
+    return qk, masks, scale, softcap, factors
+
+
+def _learned_factor(args: tuple, *, commutes: bool) -> Node | None:
+    """The operand of ``scores * f`` (``f * scores`` too) or ``scores / f`` that is a learned factor: a tensor
+    with one value per batch or head, broadcast over the score matrix (Swin v2's ``exp(logit_scale)``), and
+    computed without the scores."""
+    candidates = (args[1], args[0]) if commutes else (args[1],)
+    for factor in candidates:
+        other = args[0] if factor is args[1] else args[1]
+        value = factor.meta.get("val") if isinstance(factor, Node) else None
+        scores = other.meta.get("val") if isinstance(other, Node) else None
+        if (isinstance(value, torch.Tensor) and isinstance(scores, torch.Tensor) and value.dim() <= scores.dim()
+                and tuple(value.shape[-2:]) in ((), (1,), (1, 1)) and _trace_scores(factor, []) is None):  # fmt: skip
+            return factor
+    return None
 
 
 def _site(core: _Core, parameters: set[str], fact: tuple[bool, MaskKind, MaskEvidence]) -> AttentionSite:
@@ -406,6 +430,7 @@ def _site(core: _Core, parameters: set[str], fact: tuple[bool, MaskKind, MaskEvi
         projections={key: None if node is None else node.name for key, node in projections.items()},
         qkv_layout=_qkv_layout(projections, kind),
         softcap=float(core.softcap),
+        scale_nodes=tuple(node.name for node in core.factors),
         mask_evidence=evidence,
     )
 
