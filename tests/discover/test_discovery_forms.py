@@ -4,6 +4,7 @@ views and slices with K/V broadcast to the query heads before RoPE, ``torch.eins
 attention with a learned per-head scale, SpeechT5's bias added in place; and what is not attention."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -97,6 +98,14 @@ class _InPlaceBias(torch.nn.Module):
         return self.out(out.transpose(1, 2).reshape(_B, _S, _WIDTH))
 
 
+class _PackedMerged(_Heads):
+    """A packed Q/K/V split by views, heads merged into the batch, ``bmm`` with no (B, H, S, S) view of the scores."""
+
+    def forward(self, x):
+        q, k, v = (t.reshape(_B * _H, _S, _D) for t in self.split(x))
+        return self.merge(torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v).view(_B, _H, _S, _D))
+
+
 class _ScoresTimesScores(_Heads):
     """Scores multiplied by a tensor of their own shape: not a learned scale (and not attention this finds)."""
 
@@ -167,6 +176,13 @@ def test_a_bias_added_in_place_is_a_mask():
     site = _one_site(_InPlaceBias(), torch.randn(_B, _S, _WIDTH))
     assert (site.form, site.kind, site.mask, site.qkv_layout) == ("matmul-softmax", "self", "additive", "separate")
     assert (site.batch, site.num_heads, site.seq_q, site.seq_kv) == (_B, _H, _S, _S) and len(site.mask_nodes) == 1
+
+
+@pytest.mark.parametrize("batch", [2, 3])  # 3: B*H = 12 = 3H, which counting heads from the packed width got wrong silently
+def test_heads_merged_into_the_batch_are_counted_from_the_split_before_the_merge(batch, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_B", batch)  # the module's heads helpers read _B
+    site = _one_site(_PackedMerged(), torch.randn(batch, _S, _WIDTH))
+    assert (site.batch, site.num_heads, site.num_kv_heads, site.qkv_layout) == (batch, _H, _H, "packed")
 
 
 def test_transformers_swinv2_window_attention():

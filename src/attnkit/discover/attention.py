@@ -398,8 +398,11 @@ def _site(core: _Core, parameters: set[str], fact: tuple[bool, MaskKind, MaskEvi
     if len(q_shape) >= 4:
         batch, num_heads = math.prod(q_shape[:-3]), q_shape[-3]
         kv_heads = k_shape[-3] if len(k_shape) >= 4 else num_heads
-    else:  # (B*H, S, D): heads from a (B, H, Sq, Skv) view of the scores, else the projection width (MHA)
-        num_heads = core.heads or _width([*q_path, q_stop], head_dim_qk) // head_dim_qk
+    else:  # (B*H, S, D): heads from a (B, H, Sq, Skv) view of the scores, or from the (B, H, S, D) Q was
+        # merged from, else the projection width (MHA's (S, B*H, D) view of its in-projection)
+        split = next((shape for shape in map(_val_shape, q_path) if len(shape) >= 4 and shape[-2:] == (seq_q, head_dim_qk)
+                      and math.prod(shape[:-2]) == math.prod(q_shape[:-2])), None)  # fmt: skip
+        num_heads = core.heads or (split[-3] if split else _width([*q_path, q_stop], head_dim_qk) // head_dim_qk)
         batch, kv_heads = math.prod(q_shape[:-2]) // num_heads, num_heads
     projections = {name: _projection(stop, parameters) for name, stop in (("q", q_stop), ("k", k_stop), ("v", v_stop))}
     out_projection, out_path = _out_projection(core.out, parameters)
