@@ -339,7 +339,7 @@ def _trace_scores(node: Node, ops: list[Node]):
     name = op_name(node)
     if name in _GEMM_2D:
         return (node, [], None, None, []) if _is_batched_matmul(node) else None
-    args = node.args
+    args, learned = node.args, None
     if (name in _SCORE_PASS or name in _HEAD_VIEWS or name == "tanh"
             or (name in _SCALE and isinstance(args[1], (int, float)))):
         step, mask = args[0], None
@@ -351,16 +351,16 @@ def _trace_scores(node: Node, ops: list[Node]):
         mask = (args[0], "keep" if step is args[1] else "drop")
     elif name == "masked_fill":
         step, mask = args[0], (args[1], "drop")
-    elif name in ("mul", "div") and (factor := _learned_factor(args, commutes=name == "mul")) is not None:
-        step, mask = args[0] if factor is args[1] else args[1], None
+    elif name in ("mul", "div") and (learned := _learned_factor(args, commutes=name == "mul")) is not None:
+        step, mask = args[0] if learned is args[1] else args[1], None
     else:
         return None
     found = None if step is None else _trace_scores(step, ops)
     if found is None:
         return None
     qk, masks, scale, softcap, factors = found
-    if name in ("mul", "div") and not isinstance(args[1], (int, float)):
-        factors.append(factor)
+    if learned is not None:
+        factors.append(learned)
     if name == "tanh":
         softcap = 1.0
     elif name in _SCALE and isinstance(args[1], (int, float)):

@@ -125,8 +125,8 @@ def optimize(
         if not report.passed:
             failed = ", ".join(f"{c.what} {c.mode} {c.dtype}" for c in report.checks if not c.passed)
             if report.rewrites and report.fusion is not None and report.fusion.groups and not config.inplace:
-                # The fused projections may be what failed (a model that views a projection's output in a layout
-                # a slice of the fused GEMM cannot give, as SpeechT5): prove the other rewrites without them.
+                # The fused projections may be what failed, in a way plan_fusion's trace could not foresee (it
+                # already leaves out in-place writes and views a fused slice cannot give): prove the rest without them.
                 without, retry = optimize(model, args, example_kwargs=kwargs, config=dataclasses.replace(config, fuse_qkv=False),
                                           module_filter_fn=module_filter_fn)  # fmt: skip
                 if retry.kept and retry.rewrites:

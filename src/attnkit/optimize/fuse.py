@@ -436,10 +436,10 @@ class _Readers(TorchFunctionMode):
         self._views: list = []  # keeps watched views alive, so their ids stay unique while the trace runs
 
     def watch(self, output: torch.Tensor, entry: _Calls) -> None:
-        """Watch one projection output (``(..., out)``)."""
-        width = output.shape[-1] if output.dim() else 0
+        """Watch one projection output (``(..., out)``: a Linear's output has at least one dim)."""
+        width = output.shape[-1]
         wide = torch.empty(*output.shape[:-1], width + 1, dtype=output.dtype, device="meta")
-        self.watched[id(output)] = (entry, wide[..., :width] if output.dim() else wide[0])
+        self.watched[id(output)] = (entry, wide[..., :width])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
